@@ -1,0 +1,1 @@
+"""Typed payloads, requests, callbacks and settings. No I/O, no torch."""
