@@ -1,0 +1,32 @@
+"""The model families a daemon can serve: which raw queue, which pipeline, which job handler.
+
+Imports are by name so a daemon loads only its own family's heavy modules.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    raw_queue: str
+    pipeline: str  # "module:Class", constructed with Settings, then .setup()
+    handler: str  # module with perform(runtime, job, payload) and report_failure(runtime, payload, exc)
+
+    def load_pipeline(self, settings) -> Any:
+        module, cls = self.pipeline.split(":")
+        return getattr(importlib.import_module(module), cls)(settings)
+
+    @property
+    def handlers(self):
+        return importlib.import_module(self.handler)
+
+
+FAMILIES: dict[str, Family] = {
+    "sdxl": Family("sdxl", "sdxl_queue", "pipelines.sdxl:SdxlPipeline", "consumers.images"),
+    "wan": Family("wan", "wan_queue", "pipelines.wan:WanVideoPipeline", "consumers.videos"),
+    "chat": Family("chat", "chat_queue", "pipelines.chat:ChatPipeline", "consumers.chat"),
+}

@@ -1,0 +1,60 @@
+"""What a daemon process holds for its whole life: settings, Redis, the resident pipeline, the uploader.
+
+rq calls job functions by name (`consumers.tasks.perform`); they find the process's Runtime here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from redis import Redis
+from rq.job import Job
+
+from schemas.policy import ContentRule
+from schemas.settings import Settings
+
+from .families import Family
+from .outcomes import describe
+
+log = logging.getLogger(__name__)
+
+_current: "Runtime | None" = None
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: Redis
+    family: Family
+    pipeline: Any
+    uploader: Any
+    worker_id: str  # stable name reported in callbacks, e.g. sdxl-gpu0-host-a
+    rule: ContentRule = field(init=False)
+    # memory.py's admission gate; True means "take the next job now"
+    gate: Callable[[], bool] | None = None
+
+    def __post_init__(self) -> None:
+        self.rule = ContentRule.from_settings(self.settings)
+
+    def may_take_next(self) -> bool:
+        return self.gate() if self.gate is not None else True
+
+    def report_failure(self, job: Job, exc: BaseException | None) -> None:
+        """Tell the caller a job ended failed or cancelled. Never raises: the job's state in rq stands."""
+        payload = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
+        try:
+            self.family.handlers.report_failure(self, payload, exc)
+        except Exception:
+            log.exception("could not report the end of job %s (%s)", job.id, describe(exc))
+
+
+def install(runtime: Runtime) -> None:
+    global _current
+    _current = runtime
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise RuntimeError("no genq runtime in this process: jobs run inside `python -m consumers <family>`")
+    return _current
