@@ -259,4 +259,12 @@ def adapt_wan(job: dict, enhancement: Enhancement | dict | None = None) -> WanRe
     try:
         return WanRequest(**values)
     except ValidationError as err:
-        raise from_validation_error(err, PAYLOAD_FIELDS) from None
+        raise _named(from_validation_error(err, PAYLOAD_FIELDS)) from None
+
+
+def _named(err: PayloadError) -> PayloadError:
+    """A whole-request rule's message starts with the canonical field it is about: name the payload's."""
+    head, _, rest = err.message.removeprefix("Value error, ").partition(": ")
+    if not err.field and head in PAYLOAD_FIELDS:
+        return PayloadError(PAYLOAD_FIELDS[head], rest)
+    return err
