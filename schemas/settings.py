@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(7 * 86400, ge=60, validation_alias="GENQ_RESULT_TTL_S")
     failure_ttl_s: int = Field(14 * 86400, ge=60, validation_alias="GENQ_FAILURE_TTL_S")
     max_payload_bytes: int = Field(256 * 1024, ge=1024, validation_alias="GENQ_MAX_PAYLOAD_BYTES")
+    chat_reply_ttl_s: int = Field(3600, ge=10, validation_alias="GENQ_CHAT_REPLY_TTL_S")
     progress_min_interval_s: float = Field(3.0, ge=0.0, validation_alias="GENQ_PROGRESS_MIN_INTERVAL_S")
 
     # --- reference fetching ----------------------------------------------------------------
