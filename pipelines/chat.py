@@ -1,0 +1,302 @@
+"""Qwen 2.5 text generation (instruct and base) for `chat` and `enhance` jobs.
+
+Each configured model is loaded once in `setup()` and kept resident; `run()` is pure (no I/O).
+Rules that decide what the model sees are written down in docs/CHAT.md: the prompt rendering
+(ChatML for instruct, a plain transcript for base), the context rule (oldest turns dropped first)
+and how each sampling field reaches `generate()`.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
+                          StoppingCriteria, StoppingCriteriaList)
+
+from schemas.chat import ChatMessage, ChatRequest
+from schemas.errors import PayloadError
+
+from .loading import pick_device, pick_dtype, resolve_model_path
+from .tiny_qwen import build_tiny_qwen
+
+OnToken = Callable[[int, int], None]
+# request.model -> the setting that serves it; tiny base and instruct differ by seed only.
+MODEL_SETTINGS = {"qwen_instruct": "qwen_instruct_model_path", "qwen_base": "qwen_base_model_path"}
+TINY_SEEDS = {"qwen_instruct": 0, "qwen_base": 1}
+# Base models get a transcript; this is where a base model would start the next user turn.
+BASE_ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
+BASE_STOP = "\nUser:"
+
+
+class ContextTooLong(PayloadError):
+    """Even with every droppable turn removed, prompt + max_tokens exceeds the model's context."""
+
+    reason = "context_too_long"
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    tokens_generated: int
+    prompt_tokens: int
+    truncated: bool
+    model_info: dict[str, Any] = field(default_factory=dict)
+    token_ids: tuple[int, ...] = ()  # the generated ids up to (not including) the stop token
+
+
+@dataclass
+class LoadedModel:
+    key: str
+    name: str
+    model: Any
+    tokenizer: Any
+    context_limit: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A request made ready for `generate()`: the seam a batched `run_batch` builds on."""
+
+    request: ChatRequest
+    loaded: LoadedModel
+    input_ids: list[int]
+    dropped_messages: int
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence/frequency penalties over the tokens generated so far (not the prompt):
+    logit[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0)."""
+
+    def __init__(self, prompt_length: int, presence_penalty: float, frequency_penalty: float):
+        self.prompt_length = prompt_length
+        self.presence = presence_penalty
+        self.frequency = frequency_penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class TokenProgress(StoppingCriteria):
+    """Reports each generated token; an exception from the callback stops generation (cancellation)."""
+
+    def __init__(self, prompt_length: int, max_new_tokens: int, on_token: OnToken):
+        self.prompt_length = prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.on_token = on_token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.on_token(input_ids.shape[-1] - self.prompt_length, self.max_new_tokens)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def base_transcript(messages: Sequence[ChatMessage]) -> str:
+    """The base model's prompt: system turns verbatim, then `User: ...` / `Assistant: ...` turns,
+    separated by blank lines, ending with `Assistant:` for the model to continue."""
+    parts = [m.content if m.role == "system" else f"{BASE_ROLE_NAMES[m.role]}: {m.content}" for m in messages]
+    return "\n\n".join(parts + ["Assistant:"])
+
+
+class ChatPipeline:
+    family = "chat"
+
+    def __init__(self, settings, *, context_limit: int | None = None, warmup_tokens: int | None = None):
+        self.settings = settings
+        self._context_limit = context_limit  # None: each model's max_position_embeddings
+        self._warmup_tokens = warmup_tokens  # None: the largest prompt that fits the context
+        self._models: dict[str, LoadedModel] = {}
+
+    def _configured(self) -> dict[str, str]:
+        paths = {key: getattr(self.settings, name, None) for key, name in MODEL_SETTINGS.items()}
+        return {key: path for key, path in paths.items() if path}
+
+    @property
+    def served_models(self) -> set[str]:
+        return set(self._models) if self._models else set(self._configured())
+
+    def setup(self) -> None:
+        configured = self._configured()
+        if not configured:
+            raise RuntimeError("chat: no model configured; set QWEN_INSTRUCT_MODEL_PATH and/or "
+                               "QWEN_BASE_MODEL_PATH (a model folder, or \"tiny\")")
+        device = pick_device(self.settings)
+        # Qwen 2.5 overflows in fp16 (its activations exceed 65504): bf16 on GPU, as Qwen ships it.
+        dtype = torch.bfloat16 if device.type == "cuda" else pick_dtype(device)
+        for key, path in configured.items():
+            folder = resolve_model_path(path, key, self.settings, partial(build_tiny_qwen, seed=TINY_SEEDS[key]),
+                                        setting=MODEL_SETTINGS[key].upper())
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)).eval()
+            limit = self._context_limit or int(model.config.max_position_embeddings)
+            name = f"tiny-{key}" if path == "tiny" else Path(str(folder)).name
+            loaded = LoadedModel(key, name, model, tokenizer, limit, device)
+            self._warm_up(loaded)
+            self._models[key] = loaded
+
+    def _warm_up(self, loaded: LoadedModel) -> None:
+        # Prefill the largest prompt once so the peak allocation happens now, not in a job.
+        length = max(1, min(self._warmup_tokens or loaded.context_limit, loaded.context_limit) - 2)
+        ids = (torch.arange(length, device=loaded.device) % min(1000, len(loaded.tokenizer))).unsqueeze(0)
+        with torch.inference_mode():
+            loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                                  pad_token_id=self._pad_id(loaded))
+
+    # --- prompt -------------------------------------------------------------------------------
+
+    def render(self, request: ChatRequest, messages: Sequence[ChatMessage] | None = None) -> str:
+        """The exact prompt text the model sees (before tokenisation)."""
+        loaded = self._loaded(request)
+        messages = request.messages if messages is None else messages
+        if request.model == "qwen_base" or not loaded.tokenizer.chat_template:
+            return base_transcript(messages)
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        return loaded.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, request: ChatRequest, messages: Sequence[ChatMessage]) -> list[int]:
+        tokenizer = self._loaded(request).tokenizer
+        return tokenizer(self.render(request, messages), add_special_tokens=False)["input_ids"]
+
+    def prepare(self, request: ChatRequest) -> PreparedPrompt:
+        """Apply the context rule: drop the oldest turns before the last user message until
+        prompt + max_new_tokens fits; system turns and the last user turn onward are never dropped."""
+        loaded = self._loaded(request)
+        budget = loaded.context_limit - request.max_new_tokens
+        messages = list(request.messages)
+        last_user = max(i for i, m in enumerate(messages) if m.role == "user")
+        droppable = [i for i in range(last_user) if messages[i].role != "system"]
+
+        def without(n: int) -> list[ChatMessage]:
+            gone = set(droppable[:n])
+            return [m for i, m in enumerate(messages) if i not in gone]
+
+        ids = self._encode(request, messages)
+        if len(ids) <= budget:
+            return PreparedPrompt(request, loaded, ids, 0)
+        shortest = self._encode(request, without(len(droppable)))
+        if len(shortest) > budget:
+            raise ContextTooLong(
+                "request.messages",
+                f"the system turns and the last user turn need {len(shortest)} tokens; with max_tokens "
+                f"{request.max_new_tokens} that exceeds the {loaded.context_limit}-token context")
+        # Fewest turns dropped that fits: prompt length shrinks as more turns go, so bisect.
+        lo, hi, best = 1, len(droppable), shortest
+        while lo < hi:
+            mid = (lo + hi) // 2
+            candidate = self._encode(request, without(mid))
+            if len(candidate) <= budget:
+                hi, best = mid, candidate
+            else:
+                lo = mid + 1
+        return PreparedPrompt(request, loaded, best, hi)
+
+    def check_inputs(self, request: ChatRequest) -> None:
+        """Refuse what cannot run here before any GPU work: an unserved model, an oversized prompt."""
+        self.prepare(request)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def run(self, request: ChatRequest, on_token: OnToken | None = None) -> ChatResult:
+        prepared = self.prepare(request)
+        config = self._generation_config(prepared)
+        started = time.perf_counter()
+        new_ids = self._generate(prepared, config, on_token)
+        return self._result(prepared, config, new_ids, time.perf_counter() - started)
+
+    def run_batch(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        # Seam for batching: prepare() each, group by model, left-pad, one generate() per group.
+        return [self.run(request) for request in requests]
+
+    def _generate(self, prepared: PreparedPrompt, config, on_token: OnToken | None) -> list[int]:
+        request, loaded = prepared.request, prepared.loaded
+        prompt_length = len(prepared.input_ids)
+        ids = torch.tensor([prepared.input_ids], dtype=torch.long, device=loaded.device)
+        processors = LogitsProcessorList()
+        if request.presence_penalty or request.frequency_penalty:
+            processors.append(OpenAIPenalties(prompt_length, request.presence_penalty, request.frequency_penalty))
+        criteria = StoppingCriteriaList()
+        if on_token is not None:
+            criteria.append(TokenProgress(prompt_length, request.max_new_tokens, on_token))
+        # generate() takes no torch.Generator: seed the global RNG right before it. One job at a
+        # time per process (DESIGN invariant 5) keeps this reproducible.
+        torch.manual_seed(request.seed)
+        with torch.inference_mode():
+            out = loaded.model.generate(
+                ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                logits_processor=processors, stopping_criteria=criteria, tokenizer=loaded.tokenizer)
+        return out[0, prompt_length:].tolist()
+
+    def _generation_config(self, prepared: PreparedPrompt):
+        """The checkpoint's generation config with every field the request carries applied on top."""
+        request, loaded = prepared.request, prepared.loaded
+        config = copy.deepcopy(loaded.model.generation_config)
+        config.max_new_tokens = request.max_new_tokens
+        config.max_length = None
+        config.pad_token_id = self._pad_id(loaded)
+        config.do_sample = request.temperature > 0
+        if config.do_sample:
+            config.temperature, config.top_p = request.temperature, request.top_p
+        else:
+            config.temperature = config.top_p = config.top_k = None
+        if request.repetition_penalty is not None:
+            config.repetition_penalty = request.repetition_penalty
+        config.stop_strings = [BASE_STOP] if request.model == "qwen_base" else None
+        return config
+
+    def _result(self, prepared: PreparedPrompt, config, new_ids: list[int], seconds: float) -> ChatResult:
+        request, loaded = prepared.request, prepared.loaded
+        stop_ids = set(_as_list(config.eos_token_id)) | {config.pad_token_id}
+        kept = []
+        for token in new_ids:
+            if token in stop_ids:
+                break
+            kept.append(token)
+        text = loaded.tokenizer.decode(kept, skip_special_tokens=True)
+        if request.model == "qwen_base":
+            text = text.split(BASE_STOP)[0]
+        finish = "length" if len(kept) >= request.max_new_tokens else "stop"
+        info = {
+            "model": request.model, "name": loaded.name, "device": str(loaded.device),
+            "dtype": str(loaded.model.dtype).removeprefix("torch."), "context_limit": loaded.context_limit,
+            "prompt_tokens": len(prepared.input_ids), "truncated": prepared.dropped_messages > 0,
+            "dropped_messages": prepared.dropped_messages, "finish_reason": finish,
+            "seed": request.seed, "seed_given": request.seed_given, "do_sample": config.do_sample,
+            "temperature": request.temperature, "top_p": config.top_p, "top_k": config.top_k,
+            "repetition_penalty": config.repetition_penalty, "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty, "max_new_tokens": request.max_new_tokens,
+            "generation_time": round(seconds, 3),
+        }
+        if request.ignored_fields:
+            info["ignored_fields"] = list(request.ignored_fields)
+        return ChatResult(text=text.strip(), tokens_generated=len(kept), prompt_tokens=len(prepared.input_ids),
+                          truncated=prepared.dropped_messages > 0, model_info=info, token_ids=tuple(kept))
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _loaded(self, request: ChatRequest) -> LoadedModel:
+        loaded = self._models.get(request.model)
+        if loaded is None:
+            served = ", ".join(sorted(self._models)) or "none (setup() not run)"
+            raise PayloadError("request.model", f"{request.model} is not served by this daemon (serves: {served})")
+        return loaded
+
+    @staticmethod
+    def _pad_id(loaded: LoadedModel) -> int:
+        tokenizer = loaded.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _as_list(tokenizer.eos_token_id)[0]
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
