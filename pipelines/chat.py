@@ -158,10 +158,15 @@ class ChatPipeline:
         """The exact prompt text the model sees (before tokenisation)."""
         loaded = self._loaded(request)
         messages = request.messages if messages is None else messages
-        if request.model == "qwen_base" or not loaded.tokenizer.chat_template:
+        if self._prompt_format(request) == "transcript":
             return base_transcript(messages)
         turns = [{"role": m.role, "content": m.content} for m in messages]
         return loaded.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def _prompt_format(self, request: ChatRequest) -> str:
+        # An instruct checkpoint without a chat template is treated like a base model (and says so).
+        template = self._loaded(request).tokenizer.chat_template
+        return "chatml" if request.model == "qwen_instruct" and template else "transcript"
 
     def _encode(self, request: ChatRequest, messages: Sequence[ChatMessage]) -> list[int]:
         tokenizer = self._loaded(request).tokenizer
@@ -270,6 +275,7 @@ class ChatPipeline:
             "dtype": str(loaded.model.dtype).removeprefix("torch."), "context_limit": loaded.context_limit,
             "prompt_tokens": len(prepared.input_ids), "truncated": prepared.dropped_messages > 0,
             "dropped_messages": prepared.dropped_messages, "finish_reason": finish,
+            "prompt_format": self._prompt_format(request),
             "seed": request.seed, "seed_given": request.seed_given, "do_sample": config.do_sample,
             "temperature": request.temperature, "top_p": config.top_p, "top_k": config.top_k,
             "repetition_penalty": config.repetition_penalty, "presence_penalty": request.presence_penalty,

@@ -67,6 +67,7 @@ def test_base_prompt_is_a_plain_transcript(pipe):
     assert pipe.render(req) == f"{SYSTEM}\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: A story?\n\nAssistant:"
     result = pipe.run(req)
     assert result.model_info["model"] == "qwen_base" and 0 <= result.tokens_generated <= 12
+    assert result.model_info["prompt_format"] == "transcript"
 
 
 def test_max_tokens_is_exact_when_the_model_never_stops(folders):
@@ -168,6 +169,7 @@ def test_context_rule_refuses_what_cannot_fit(small_context):
 def test_untruncated_request_reports_so(pipe):
     result = pipe.run(request())
     assert result.truncated is False and result.model_info["dropped_messages"] == 0
+    assert result.model_info["prompt_format"] == "chatml"
 
 
 class Stop(Exception):
