@@ -182,6 +182,10 @@ def _forbidden_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
     return not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_link_local or ip.is_loopback
 
 
+def _port(parts) -> int | None:
+    return parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+
+
 def _status_of(exc: StorageApiError) -> int | None:
     # storage3 reports the JSON body's statusCode ("409" for a duplicate sent as HTTP 400); the HTTP
     # status decides whether retrying can help, so prefer it where the cause carries it.
@@ -217,23 +221,21 @@ class Uploader:
                                 wait=backoff if backoff is not None else wait_exponential_jitter(initial=0.5, max=8))
         # Longer than a whole in-line burst, so deliver_outbox() never races send_callback().
         self._lease_s = attempts * (settings.callback_timeout_s + 8) + 30
-        self._http = httpx.Client(follow_redirects=False)
+        # One client (its SSL context is costly to build); fetches and callbacks pass their own timeouts.
+        self._http = httpx.Client(timeout=STORAGE_TIMEOUT, follow_redirects=False)
         self._claim = redis.register_script(_CLAIM)
         self._bucket = None
         self._supabase = urlsplit(settings.supabase_url) if settings.supabase_url else None
         if settings.storage_backend == "supabase":
             key = settings.supabase_service_role_key.get_secret_value()
-            self._storage_http = httpx.Client(timeout=STORAGE_TIMEOUT, follow_redirects=False)
             client = supabase.create_client(settings.supabase_url, key,
-                                            options=SyncClientOptions(httpx_client=self._storage_http))
+                                            options=SyncClientOptions(httpx_client=self._http))
             self._bucket = client.storage.from_(settings.storage_bucket)
         if settings.job_callback_url and settings.job_callback_secret is None:
             log.warning("JOB_CALLBACK_SECRET is not set: callbacks go unsigned and the receiver will refuse them")
 
     def close(self) -> None:
         self._http.close()
-        if self._bucket is not None:
-            self._storage_http.close()
 
     def _retrying(self) -> Retrying:
         return Retrying(retry=retry_if_exception_type((httpx.TransportError, _Retryable)), **self._retry_args)
@@ -258,7 +260,11 @@ class Uploader:
             key = s.supabase_service_role_key.get_secret_value() if s.supabase_service_role_key else ""
             url = f"{s.supabase_url}/storage/v1/object/{bucket}/{'/'.join(quote(p, safe='') for p in rest)}"
             return self._download(url, {"Authorization": f"Bearer {key}", "apikey": key}, {}, field)
-        parts = urlsplit(source)
+        try:
+            parts = urlsplit(source)
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError as exc:
+            raise FetchError(field, f"not a valid URL: {exc}") from None
         if parts.username or parts.password:
             raise FetchError(field, "URLs with credentials are not fetched")
         if self._is_supabase(parts):
@@ -272,12 +278,11 @@ class Uploader:
 
     def _is_supabase(self, parts) -> bool:
         ours = self._supabase
-        return (ours is not None and parts.scheme == ours.scheme and parts.hostname == ours.hostname
-                and (parts.port or 0) == (ours.port or 0))
+        return (ours is not None and (parts.scheme, parts.hostname, _port(parts)) == (ours.scheme, ours.hostname, _port(ours)))
 
     def _pinned(self, parts, field: str) -> tuple[str, dict[str, str], dict[str, Any]]:
         """The URL rewritten to the address that was checked, so a second DNS answer cannot differ."""
-        host, port = parts.hostname, parts.port or 443
+        host, port = parts.hostname, _port(parts)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
@@ -285,7 +290,7 @@ class Uploader:
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
         if not self.settings.fetch_allow_private and any(_forbidden_address(ip) for ip in addresses):
             raise FetchError(field, f"{host} resolves to a private or reserved address")
-        ip = addresses[0]
+        ip = min(addresses, key=lambda a: a.version)  # IPv4 first: more often routable from a container
         literal = f"[{ip}]" if ip.version == 6 else str(ip)
         netloc = f"{literal}:{parts.port}" if parts.port else literal
         url = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))

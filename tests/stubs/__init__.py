@@ -6,6 +6,7 @@ Each stub is a real HTTP server on 127.0.0.1 in a daemon thread, usable as a con
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from dataclasses import dataclass
 from email.message import Message
@@ -72,12 +73,16 @@ class _Server(ThreadingHTTPServer):
 class LocalServer:
     """A threaded HTTP server on 127.0.0.1; subclasses implement `handle(request) -> Reply`.
 
-    `stop()` then `start()` brings it back on the same port, to simulate an outage.
+    `stop()` then `start()` brings it back on the same port, to simulate an outage. With `tls` (a
+    server-side SSLContext) it speaks HTTPS. `statuses` holds the HTTP status of every request.
     """
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None):
         self.port = port
+        self.tls = tls
         self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # notified whenever a request was answered
+        self.statuses: list[int] = []
         self._failures: list[int] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -94,19 +99,33 @@ class LocalServer:
         with self.lock:
             status = self._failures.pop(0) if self._failures else None
         if status is not None:
-            return Reply(status, HTML_OUTAGE.format(status=status).encode(), "text/html")
-        return self.handle(request)
+            reply = Reply(status, HTML_OUTAGE.format(status=status).encode(), "text/html")
+        else:
+            reply = self.handle(request)
+        with self.changed:
+            self.statuses.append(reply.status)
+            self.changed.notify_all()
+        return reply
+
+    def wait_for_requests(self, n: int, timeout: float = 10.0) -> list[int]:
+        """Statuses of the first `n` requests (any outcome), waiting up to `timeout` seconds for them."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(self.statuses) >= n, timeout):
+                raise TimeoutError(f"only {len(self.statuses)} of {n} requests within {timeout} s")
+            return self.statuses[:n]
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "LocalServer":
         server = _Server(("127.0.0.1", self.port), _Handler)
         server.owner = self
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=type(self).__name__, daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=type(self).__name__, daemon=True)
         self._thread.start()
         return self
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 from typing import Callable
 
 from . import LocalServer, Reply, Request, json_reply
@@ -30,20 +29,11 @@ class CallbackReceiver(LocalServer):
         self.secret = secret.encode()
         self.service_key = service_key
         self.received: list[dict] = []
-        self.statuses: list[int] = []
         self.final: dict[str, str] = {}  # job_id -> the final status it reached
-        self._changed = threading.Condition(self.lock)
 
     @property
     def url(self) -> str:
         return f"{self.base_url}/functions/v1/job-callback"
-
-    def _dispatch(self, request: Request) -> Reply:
-        reply = super()._dispatch(request)
-        with self._changed:
-            self.statuses.append(reply.status)
-            self._changed.notify_all()
-        return reply
 
     def handle(self, request: Request) -> Reply:
         if self.service_key is not None and request.headers.get("Authorization") != f"Bearer {self.service_key}":
@@ -57,12 +47,12 @@ class CallbackReceiver(LocalServer):
             return json_reply(400, {"error": "Invalid JSON"})
         if not isinstance(body, dict) or not body.get("job_id") or not body.get("status"):
             return json_reply(400, {"error": "Missing job_id or status"})
-        with self._changed:
+        with self.changed:
             skipped = body["job_id"] in self.final
             if body["status"] in FINAL and not skipped:
                 self.final[body["job_id"]] = body["status"]
             self.received.append(body)
-            self._changed.notify_all()
+            self.changed.notify_all()
         return json_reply(200, {"status": "skipped" if skipped else "ok"})
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 10.0) -> dict:
@@ -73,14 +63,7 @@ class CallbackReceiver(LocalServer):
             found[:] = [b for b in self.received if predicate(b)][:1]
             return bool(found)
 
-        with self._changed:
-            if not self._changed.wait_for(match, timeout):
+        with self.changed:
+            if not self.changed.wait_for(match, timeout):
                 raise TimeoutError(f"no matching callback within {timeout} s; received {self.received!r}")
         return found[0]
-
-    def wait_for_requests(self, n: int, timeout: float = 10.0) -> list[int]:
-        """Statuses of the first `n` requests (any outcome), waiting up to `timeout` seconds for them."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: len(self.statuses) >= n, timeout):
-                raise TimeoutError(f"only {len(self.statuses)} of {n} requests within {timeout} s")
-            return self.statuses[:n]

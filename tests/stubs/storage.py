@@ -16,6 +16,7 @@ object is HTTP 400 with statusCode "404", a duplicate HTTP 400 with statusCode "
 from __future__ import annotations
 
 import secrets
+import ssl
 import uuid
 from collections import Counter
 from email.parser import BytesParser
@@ -46,8 +47,9 @@ def _file_of(request: Request) -> tuple[bytes, str]:
 
 
 class StorageStub(LocalServer):
-    def __init__(self, service_key: str = "service-key", buckets=("workspace-temp", "user-library"), port: int = 0):
-        super().__init__(port)
+    def __init__(self, service_key: str = "service-key", buckets=("workspace-temp", "user-library"),
+                 port: int = 0, tls: ssl.SSLContext | None = None):
+        super().__init__(port, tls)
         self.service_key = service_key
         self.buckets = set(buckets)
         self.objects: dict[tuple[str, str], tuple[bytes, str]] = {}
