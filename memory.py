@@ -554,6 +554,18 @@ class Admission:
         return stop
 
 
+def daemon_admission(redis, settings: Any, holder: str, family: str, **kw: Any) -> Admission | None:
+    """The Admission of a daemon on settings.gpu_index (None where no GPU is known: CPU runs).
+    Registers the process's CUDA context as resident bytes that cannot move to CPU."""
+    probe = get_probe()
+    card = next((g for g in (probe.gpus() if probe else []) if g.index == settings.gpu_index), None)
+    if card is None:
+        return None
+    admission = Admission(redis, settings.worker_host, card.index, card.usable_bytes, holder, family=family, **kw)
+    admission.set_resident(table()["process_overhead_bytes"], 0)
+    return admission
+
+
 def gpu_snapshot(redis, key: str) -> dict:
     """One card's admission state (read-only), expired holders left out, with used/reserved totals."""
     st = json.loads(redis.get(key) or "{}")

@@ -354,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         log.error("%s", exc)
         return EXIT_PLAN
-    log.info("plan:\n%s", describe_plan(checks))
     if args.command == "plan":
         print(describe_plan(checks))
         return 0
+    log.info("plan:\n%s", describe_plan(checks))
     return Orchestrator(settings, OrchestratorSettings(), checks, redis=_connect(settings)).run()
 
 

@@ -208,3 +208,16 @@ def test_a_dead_process_reservation_expires(r, redis_server):
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_a_daemon_admission_uses_its_card_and_registers_its_cuda_context(r, monkeypatch):
+    monkeypatch.setenv("GENQ_SIMULATED_GPUS", "48GB,80GB")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    settings = Settings(GENQ_GPU_INDEX=1, GENQ_HOST="testhost")
+    a = memory.daemon_admission(r, settings, "wan-gpu1-testhost-x", "wan")
+    snap = a.snapshot()
+    assert snap["key"] == "genq:gpu:testhost:1" and snap["capacity"] == GpuInfo(1, "", 80 * GIB).usable_bytes
+    assert snap["holders"]["wan-gpu1-testhost-x"] | {"exp": 0, "last": 0} == {
+        "family": "wan", "resident": memory.table()["process_overhead_bytes"], "offloadable": 0, "jobs": {},
+        "reserved": 0, "exp": 0, "last": 0}
+    assert memory.daemon_admission(r, Settings(GENQ_GPU_INDEX=2), "wan-gpu2-x", "wan") is None
