@@ -148,9 +148,10 @@ class ChatPipeline:
         # Prefill the largest prompt once so the peak allocation happens now, not in a job.
         length = max(1, min(self._warmup_tokens or loaded.context_limit, loaded.context_limit) - 2)
         ids = (torch.arange(length, device=loaded.device) % min(1000, len(loaded.tokenizer))).unsqueeze(0)
+        config = _with_sampling(copy.deepcopy(loaded.model.generation_config), temperature=0.0, top_p=1.0)
+        config.max_new_tokens, config.pad_token_id = 2, self._pad_id(loaded)
         with torch.inference_mode():
-            loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
-                                  pad_token_id=self._pad_id(loaded))
+            loaded.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
 
     # --- prompt -------------------------------------------------------------------------------
 
@@ -244,15 +245,10 @@ class ChatPipeline:
     def _generation_config(self, prepared: PreparedPrompt):
         """The checkpoint's generation config with every field the request carries applied on top."""
         request, loaded = prepared.request, prepared.loaded
-        config = copy.deepcopy(loaded.model.generation_config)
+        config = _with_sampling(copy.deepcopy(loaded.model.generation_config), request.temperature, request.top_p)
         config.max_new_tokens = request.max_new_tokens
         config.max_length = None
         config.pad_token_id = self._pad_id(loaded)
-        config.do_sample = request.temperature > 0
-        if config.do_sample:
-            config.temperature, config.top_p = request.temperature, request.top_p
-        else:
-            config.temperature = config.top_p = config.top_k = None
         if request.repetition_penalty is not None:
             config.repetition_penalty = request.repetition_penalty
         config.stop_strings = [BASE_STOP] if request.model == "qwen_base" else None
@@ -277,7 +273,8 @@ class ChatPipeline:
             "dropped_messages": prepared.dropped_messages, "finish_reason": finish,
             "prompt_format": self._prompt_format(request),
             "seed": request.seed, "seed_given": request.seed_given, "do_sample": config.do_sample,
-            "temperature": request.temperature, "top_p": config.top_p, "top_k": config.top_k,
+            "temperature": request.temperature, "top_p": config.top_p if config.do_sample else None,
+            "top_k": config.top_k if config.do_sample else None,
             "repetition_penalty": config.repetition_penalty, "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty, "max_new_tokens": request.max_new_tokens,
             "generation_time": round(seconds, 3),
@@ -300,6 +297,17 @@ class ChatPipeline:
     def _pad_id(loaded: LoadedModel) -> int:
         tokenizer = loaded.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _as_list(tokenizer.eos_token_id)[0]
+
+
+def _with_sampling(config, temperature: float, top_p: float):
+    """Temperature 0 is greedy decoding. generate() refills None fields from the checkpoint's config,
+    so greedy gets the values its validation treats as neutral instead (1.0, 1.0, 50)."""
+    config.do_sample = temperature > 0
+    if config.do_sample:
+        config.temperature, config.top_p = temperature, top_p
+    else:
+        config.temperature, config.top_p, config.top_k = 1.0, 1.0, 50
+    return config
 
 
 def _as_list(value: Any) -> list[int]:
