@@ -355,7 +355,9 @@ for _, o in pairs(st.holders) do
 end
 local h = st.holders[me]
 if not h and ARGV[4] ~= '' then
-  h = {family = ARGV[4], resident = 0, offloadable = 0, jobs = {}, last = now}
+  -- new, or lost (expired, Redis restarted): the holder's own account of what it holds
+  h = cjson.decode(ARGV[5])
+  h.family, h.last = ARGV[4], now
   st.holders[me] = h
 end
 if h then h.exp = now + ttl end
@@ -376,7 +378,7 @@ end
 """
 
 _RESERVE = """
-local job, nbytes, load, starve = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local job, nbytes, load, starve = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 if h.jobs[job] then save() return cjson.encode({ok = true}) end
 local used, resident, pinned = usage()
 local need = nbytes + load
@@ -433,12 +435,12 @@ save() return cjson.encode(res)
 """
 
 _RELEASE = """
-if h then h.jobs[ARGV[5]] = nil h.last = now end
+if h then h.jobs[ARGV[6]] = nil h.last = now end
 save() return 1
 """
 
 _SET_RESIDENT = """
-h.resident, h.offloadable, h.ask = tonumber(ARGV[5]), tonumber(ARGV[6]), nil
+h.resident, h.offloadable, h.ask = tonumber(ARGV[6]), tonumber(ARGV[7]), nil
 save() return 1
 """
 
@@ -495,31 +497,42 @@ class Admission:
         self.redis, self.holder, self.ttl_ms = redis, holder, int(ttl_s * 1000)
         self.capacity, self.family = capacity_bytes, family or holder.split("-", 1)[0]
         self.starve_ms = int(starve_after_s * 1000)
+        # what this process holds, so that its entry can be rebuilt if Redis lost it
+        self._held: dict[str, Any] = {"resident": 0, "offloadable": 0, "jobs": {}}
         self.key = GPU_KEY.format(host=host, gpu=gpu_index)
         self._scripts = {name: redis.register_script(_PRELUDE + body) for name, body in (
             ("reserve", _RESERVE), ("release", _RELEASE), ("set_resident", _SET_RESIDENT),
             ("withdraw", _WITHDRAW), ("leave", _LEAVE), ("offload", _OFFLOAD_ASKED), ("touch", _TOUCH))}
 
     def _call(self, name: str, *args: Any, register: bool = True):
-        argv = [self.holder, self.capacity, self.ttl_ms, self.family if register else "", *args]
+        argv = [self.holder, self.capacity, self.ttl_ms, self.family if register else "", json.dumps(self._held), *args]
         return self._scripts[name](keys=[self.key], args=argv)
 
     def try_reserve(self, job_id: str, nbytes: int, load_bytes: int = 0) -> Decision:
         """Reserve nbytes for a job (and load_bytes of weights to bring back from CPU) if they fit
         now and no older waiter has priority; otherwise join the waiters and ask for room."""
         d = json.loads(self._call("reserve", job_id, int(nbytes), int(load_bytes), self.starve_ms))
-        return Decision(**{k: v if isinstance(v, (bool, str)) else int(v) for k, v in d.items()})
+        decision = Decision(**{k: v if isinstance(v, (bool, str)) else int(v) for k, v in d.items()})
+        if decision and job_id not in self._held["jobs"]:
+            if nbytes > 0:
+                self._held["jobs"][job_id] = int(nbytes)
+            self._held["resident"] += int(load_bytes)
+            self._held["offloadable"] += int(load_bytes)
+        return decision
 
     def try_load(self, nbytes: int) -> Decision:
         """Room to load (or reload) nbytes of weights that can later move to CPU."""
         return self.try_reserve(f"load:{self.holder}", 0, load_bytes=nbytes)
 
     def release(self, job_id: str) -> None:
+        self._held["jobs"].pop(job_id, None)
         self._call("release", job_id, register=False)
 
     def set_resident(self, nbytes: int, offloadable_bytes: int | None = None) -> None:
         """What this process holds on the card now; offloadable: the part that could go to CPU."""
-        self._call("set_resident", int(nbytes), int(nbytes if offloadable_bytes is None else offloadable_bytes))
+        offloadable = int(nbytes if offloadable_bytes is None else offloadable_bytes)
+        self._held.update(resident=int(nbytes), offloadable=offloadable)
+        self._call("set_resident", int(nbytes), offloadable)
 
     def should_offload(self) -> int:
         """Bytes another daemon's waiting job needs this idle daemon to move to CPU (0: none)."""
@@ -534,6 +547,7 @@ class Admission:
 
     def leave(self) -> None:
         """Clean exit: drop this holder and everything it reserved."""
+        self._held = {"resident": 0, "offloadable": 0, "jobs": {}}
         self._call("leave", register=False)
 
     def snapshot(self) -> dict:

@@ -221,3 +221,14 @@ def test_a_daemon_admission_uses_its_card_and_registers_its_cuda_context(r, monk
         "family": "wan", "resident": memory.table()["process_overhead_bytes"], "offloadable": 0, "jobs": {},
         "reserved": 0, "exp": 0, "last": 0}
     assert memory.daemon_admission(r, Settings(GENQ_GPU_INDEX=2), "wan-gpu2-x", "wan") is None
+
+
+def test_a_holder_lost_by_redis_is_rebuilt_from_its_own_account(r):
+    a = adm(r, "sdxl-gpu0-a", cap_gib=20)
+    a.set_resident(4 * GIB, 3 * GIB)
+    assert a.try_reserve("job-a", 10 * GIB)
+    r.flushall()  # Redis restarted without persistence
+    a.refresh()
+    held = a.snapshot()["holders"]["sdxl-gpu0-a"]
+    assert (held["resident"], held["offloadable"], held["jobs"]) == (4 * GIB, 3 * GIB, {"job-a": 10 * GIB})
+    assert not adm(r, "chat-gpu0-b", cap_gib=20).try_reserve("job-b", 10 * GIB)
