@@ -221,21 +221,26 @@ class Uploader:
                                 wait=backoff if backoff is not None else wait_exponential_jitter(initial=0.5, max=8))
         # Longer than a whole in-line burst, so deliver_outbox() never races send_callback().
         self._lease_s = attempts * (settings.callback_timeout_s + 8) + 30
-        # One client (its SSL context is costly to build); fetches and callbacks pass their own timeouts.
-        self._http = httpx.Client(timeout=STORAGE_TIMEOUT, follow_redirects=False)
+        # Fetches and callbacks pass their own timeouts. This client is never handed to a library, so
+        # nothing can add the service key to its default headers and leak it to a fetched host.
+        self._http = httpx.Client(follow_redirects=False)
+        self._storage_http: httpx.Client | None = None
         self._claim = redis.register_script(_CLAIM)
         self._bucket = None
         self._supabase = urlsplit(settings.supabase_url) if settings.supabase_url else None
         if settings.storage_backend == "supabase":
             key = settings.supabase_service_role_key.get_secret_value()
+            self._storage_http = httpx.Client(timeout=STORAGE_TIMEOUT, follow_redirects=False)
             client = supabase.create_client(settings.supabase_url, key,
-                                            options=SyncClientOptions(httpx_client=self._http))
+                                            options=SyncClientOptions(httpx_client=self._storage_http))
             self._bucket = client.storage.from_(settings.storage_bucket)
         if settings.job_callback_url and settings.job_callback_secret is None:
             log.warning("JOB_CALLBACK_SECRET is not set: callbacks go unsigned and the receiver will refuse them")
 
     def close(self) -> None:
         self._http.close()
+        if self._storage_http is not None:
+            self._storage_http.close()
 
     def _retrying(self) -> Retrying:
         return Retrying(retry=retry_if_exception_type((httpx.TransportError, _Retryable)), **self._retry_args)
@@ -343,7 +348,9 @@ class Uploader:
             return ImageOps.exif_transpose(img).convert("RGB")
         except FetchError:
             raise
-        except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        except Image.DecompressionBombError:
+            raise FetchError(field, "too many pixels") from None
+        except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise FetchError(field, "not a decodable image (PNG, JPEG, WebP, GIF or BMP)") from None
 
     # --- outputs -----------------------------------------------------------------------------
@@ -436,11 +443,17 @@ class Uploader:
                   body.get("job_id"), body.get("status"), r.status_code, r.text)
         return False
 
+    def _no_receiver(self, data: bytes, level: int) -> bool:
+        """Without JOB_CALLBACK_URL (a demo with no receiver) a callback is only logged."""
+        if self.settings.job_callback_url:
+            return False
+        log.log(level, "callback (no JOB_CALLBACK_URL configured): %s", data.decode())
+        return True
+
     def post_callback(self, body: dict) -> bool:
         """Best effort, for `processing` updates a later one supersedes: one try, no outbox."""
         data = _wire(body)
-        if not self.settings.job_callback_url:
-            log.debug("callback (no JOB_CALLBACK_URL): %s", data.decode())
+        if self._no_receiver(data, logging.DEBUG):
             return True
         try:
             return self._post(data)
@@ -451,8 +464,7 @@ class Uploader:
     def send_callback(self, body: dict) -> bool:
         """Durable: True if delivered now; False if left in the outbox (or refused for good, logged)."""
         data = _wire(body)
-        if not self.settings.job_callback_url:
-            log.info("callback (no JOB_CALLBACK_URL configured): %s", data.decode())
+        if self._no_receiver(data, logging.INFO):
             return True
         entry = uuid.uuid4().hex
         now = time.time()
@@ -503,8 +515,7 @@ class Uploader:
                           record["job_id"], record["status"], now - record["created_at"], record["attempts"])
                 self._forget(entry)
                 continue
-            if not self.settings.job_callback_url:
-                log.info("callback (no JOB_CALLBACK_URL configured): %s", record["body"])
+            if self._no_receiver(record["body"].encode(), logging.INFO):
                 self._forget(entry)
                 delivered += 1
                 continue

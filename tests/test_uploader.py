@@ -253,17 +253,21 @@ def localhost_tls(tmp_path_factory):
     return context, cert
 
 
-def test_allowed_https_host_is_fetched_with_its_own_name_checked(localhost_tls, monkeypatch, uploaders):
+def test_allowed_https_host_is_fetched_with_its_name_checked_and_no_key(localhost_tls, monkeypatch, storage, uploaders):
     context, cert = localhost_tls
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read when the Uploader builds its HTTP client
-    with StorageStub(service_key=KEY, tls=context) as external:
+    with StorageStub(service_key="external", tls=context) as external:
         external.put_object("user-library", "a/ref.png", png((30, 20)))
         url = external.sign("user-library", "a/ref.png").replace("127.0.0.1", "localhost")
-        up = uploaders(make_settings(fetch_allowed_hosts=["LocalHost"], fetch_allow_private=True))
+        up = uploaders(make_settings(supabase_url=storage.url, supabase_service_role_key=KEY, storage_backend="supabase",
+                                     fetch_allowed_hosts=["LocalHost"], fetch_allow_private=True))
+        up.upload(f"{USER}/{JOB}/0.png", png(), "image/png")
         assert up.fetch_reference(Reference(source=url), FIELD).size == (30, 20)
         with pytest.raises(FetchError):  # plain http is never fetched from an allowed host
             up.fetch_reference(Reference(source=url.replace("https:", "http:")), FIELD)
-        assert external.statuses == [200]
+        [(method, _, headers)] = external.requests
+        assert method == "GET" and headers["Host"] == f"localhost:{external.port}"
+        assert KEY not in json.dumps(headers)  # the service key only ever goes to the Supabase project
 
 
 def test_redirects_are_not_followed(storage, on_stub):

@@ -74,7 +74,8 @@ class LocalServer:
     """A threaded HTTP server on 127.0.0.1; subclasses implement `handle(request) -> Reply`.
 
     `stop()` then `start()` brings it back on the same port, to simulate an outage. With `tls` (a
-    server-side SSLContext) it speaks HTTPS. `statuses` holds the HTTP status of every request.
+    server-side SSLContext) it speaks HTTPS. `statuses` holds the HTTP status of every request and
+`requests` its (method, path, headers).
     """
 
     def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None):
@@ -83,6 +84,7 @@ class LocalServer:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified whenever a request was answered
         self.statuses: list[int] = []
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._failures: list[int] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -104,6 +106,7 @@ class LocalServer:
             reply = self.handle(request)
         with self.changed:
             self.statuses.append(reply.status)
+            self.requests.append((request.method, request.path, dict(request.headers.items())))
             self.changed.notify_all()
         return reply
 
