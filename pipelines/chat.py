@@ -112,7 +112,7 @@ class ChatPipeline:
 
     def __init__(self, settings, *, context_limit: int | None = None, warmup_tokens: int | None = None):
         self.settings = settings
-        self._context_limit = context_limit  # None: each model's max_position_embeddings
+        self._context_limit = context_limit  # a cap below each model's max_position_embeddings
         self._warmup_tokens = warmup_tokens  # None: the largest prompt that fits the context
         self._models: dict[str, LoadedModel] = {}
 
@@ -138,7 +138,7 @@ class ChatPipeline:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             tokenizer.padding_side = "left"  # decoder-only batches pad on the left
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)).eval()
-            limit = self._context_limit or int(model.config.max_position_embeddings)
+            limit = min(self._context_limit or 2**62, int(model.config.max_position_embeddings))
             name = f"tiny-{key}" if path == "tiny" else Path(str(folder)).name
             loaded = LoadedModel(key, name, model, tokenizer, limit, device)
             self._warm_up(loaded)
