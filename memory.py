@@ -336,7 +336,8 @@ class OomPolicy:
 # One JSON document per card, read and written only inside these scripts, so every decision is
 # atomic. Times are Redis server time (ms), so holders on different clocks agree. Shape:
 #   {cap, holders: {name: {family, exp, last, resident, offloadable, jobs: {id: bytes},
-#                          wait?: {job, need, ticket, seen}, ask?: {by, bytes}}}}
+#                          wait?: {job, need, since, ticket, seen}, ask?: {by, bytes}}}, tickets}
+# Tickets are a counter, so two waiters that started in the same millisecond still have an order.
 # A holder that stops refreshing disappears after ttl with all its reservations.
 _PRELUDE = """
 local key, me, cap, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -388,12 +389,13 @@ if h.resident + need + pinned > st.cap then
   res.impossible = true
   save() return cjson.encode(res)
 end
-local ticket = h.wait and h.wait.ticket or now
+if not h.wait then st.tickets = (st.tickets or 0) + 1 end
+local ticket = h.wait and h.wait.ticket or st.tickets
 local head, first = nil, true
 for name, o in pairs(st.holders) do
   if name ~= me and o.wait and o.wait.ticket < ticket then
     first = false
-    if now - o.wait.ticket >= starve and (not head or o.wait.ticket < st.holders[head].wait.ticket) then head = name end
+    if now - o.wait.since >= starve and (not head or o.wait.ticket < st.holders[head].wait.ticket) then head = name end
   end
 end
 for _, o in pairs(st.holders) do if o.ask and o.ask.by == me then o.ask = nil end end
@@ -407,7 +409,7 @@ if need <= st.cap - used and not head then
   save() return cjson.encode(res)
 end
 res.blocked_by = head
-h.wait = {job = job, need = need, ticket = ticket, seen = now}
+h.wait = {job = job, need = need, since = h.wait and h.wait.since or now, ticket = ticket, seen = now}
 -- Only the oldest waiter asks idle daemons to move weights to CPU, and only for what would still
 -- be missing once every running job has ended. Those not waiting themselves go first, then the
 -- least recently active.
