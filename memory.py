@@ -330,8 +330,6 @@ class OomPolicy:
         return self.consecutive >= self.max_consecutive
 
 
-
-
 # --- admission between processes sharing a card -------------------------------------------------
 # One JSON document per card, read and written only inside these scripts, so every decision is
 # atomic. Times are Redis server time (ms), so holders on different clocks agree. Shape:
