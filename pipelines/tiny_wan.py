@@ -35,6 +35,18 @@ def _tokenizer():
                                    unk_token="<unk>", model_max_length=512)
 
 
+def _lively(model):
+    """Variance-keeping weights: the default init shrinks signals through a few tiny layers so much
+    that a conditioning frame moves the decoded video by less than one pixel step; tests must see it."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+    return model
+
+
 def _shared_parts(out: Path) -> None:
     """Tokenizer, text encoder, VAE and scheduler: the same in both layouts."""
     import torch
@@ -51,8 +63,8 @@ def _shared_parts(out: Path) -> None:
     )).eval()
     text_encoder.save_pretrained(out / "text_encoder")
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    vae = _lively(AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True]))
     vae.save_pretrained(out / "vae")
     # The real checkpoints ship this scheduler (flow matching, shift 3.0 for 480p).
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
@@ -82,7 +94,7 @@ def build_tiny_wan(out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _shared_parts(out)
     torch.manual_seed(0)
-    WanTransformer3DModel(**_TRANSFORMER).save_pretrained(out / "transformer")
+    _lively(WanTransformer3DModel(**_TRANSFORMER)).save_pretrained(out / "transformer")
     _model_index(out, "WanPipeline", "WanTransformer3DModel")
     return out
 
@@ -97,7 +109,7 @@ def build_tiny_wan_vace(out_dir: str | Path) -> Path:
     _shared_parts(out)
     torch.manual_seed(1)
     # vace_in_channels: 16 inactive + 16 reactive latent channels + 64 mask channels (8x8 pixels).
-    WanVACETransformer3DModel(**_TRANSFORMER, vace_layers=[0, 1], vace_in_channels=96).save_pretrained(
+    _lively(WanVACETransformer3DModel(**_TRANSFORMER, vace_layers=[0, 1], vace_in_channels=96)).save_pretrained(
         out / "transformer")
     _model_index(out, "WanVACEPipeline", "WanVACETransformer3DModel")
     return out

@@ -1,0 +1,279 @@
+"""WAN 2.1 video (and single-frame image) generation: text-to-video plus the VACE reference modes.
+
+Weights are loaded once in `setup()`. `WAN_MODEL_PATH` is a text-to-video diffusers folder
+(`Wan2.1-T2V-1.3B-Diffusers`), `WAN_VACE_MODEL_PATH` a VACE one (`Wan2.1-VACE-1.3B-diffusers`); either
+may be "tiny". The text encoder, tokenizer and VAE are loaded once and shared by both pipelines; only
+the transformers differ. Mode `none` runs on the T2V transformer when there is one, else on VACE
+with an empty conditioning video; `single`, `start`, `end`, `both` need VACE (at 1.3B the I2V and
+first-last-frame checkpoints do not exist). See docs/WAN.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Callable
+
+import PIL.Image
+import torch
+from PIL import ImageOps
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas.errors import PayloadError
+from schemas.settings import Settings
+from schemas.wan import REFERENCE_MODES, REFERENCE_SLOTS, ReferenceMode, WanRequest
+
+from .loading import pick_device, pick_dtype, resolve_model_path
+from .tiny_wan import build_tiny_wan, build_tiny_wan_vace
+
+log = logging.getLogger(__name__)
+
+OnStep = Callable[[int, int], None]
+MAX_PROMPT_TOKENS = 512  # WAN's text context; longer prompts would be cut off
+# VACE's "nothing here yet" value: mid grey, as in diffusers' first/last-frame example.
+_GREY = (128, 128, 128)
+_KEEP, _GENERATE = 0, 255  # VACE mask: black keeps the conditioning pixels, white lets the model paint
+REFERENCE_MODES_NEEDING_VACE = ("single", "start", "end", "both")
+_T2V_CLASS, _VACE_CLASS = "WanTransformer3DModel", "WanVACETransformer3DModel"
+
+
+class WanConfigError(RuntimeError):
+    """The configured checkpoints cannot serve the configured modes: the daemon must not start."""
+
+
+class WanSettings(BaseSettings):
+    """WAN-only process settings (env `WAN_MODES_SERVED`, `WAN_TEXT_ENCODER_OFFLOAD`)."""
+
+    model_config = SettingsConfigDict(env_prefix="WAN_", extra="ignore")
+
+    # Comma-separated. The default is every mode today's callers send; an operator with only the
+    # T2V checkpoint must say `none` explicitly rather than fail reference jobs one by one.
+    modes_served: Annotated[tuple[ReferenceMode, ...], NoDecode] = REFERENCE_MODES
+    # The UMT5-XXL encoder is ~11 GB in bf16: keep it on the CPU between jobs, on the GPU only to encode.
+    text_encoder_offload: bool = True
+
+    @field_validator("modes_served", mode="before")
+    @classmethod
+    def _split(cls, value):
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if not value:
+            raise ValueError("name at least one mode (none, single, start, end, both)")
+        return tuple(dict.fromkeys(value))
+
+
+def make_scheduler(sampler: str, shift: float):
+    """A fresh flow-matching scheduler per request: cheap, and no solver state leaks between jobs."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    flow = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **flow)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(**flow)
+    if sampler == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def check_modes(settings: Settings, wan: WanSettings) -> None:
+    """Refuse, before any weights load, a configuration that cannot serve the modes it is asked to serve."""
+    t2v, vace = settings.wan_model_path, settings.wan_vace_model_path
+    if not t2v and not vace:
+        raise WanConfigError("WAN needs WAN_MODEL_PATH (Wan2.1-T2V-1.3B-Diffusers folder) and/or "
+                             "WAN_VACE_MODEL_PATH (Wan2.1-VACE-1.3B-diffusers folder); neither is set")
+    needs_vace = [m for m in wan.modes_served if m in REFERENCE_MODES_NEEDING_VACE]
+    if needs_vace and not vace:
+        raise WanConfigError(
+            f"WAN_MODES_SERVED asks for reference modes {','.join(needs_vace)}, which need the VACE "
+            "checkpoint (Wan2.1-VACE-1.3B-diffusers) in WAN_VACE_MODEL_PATH; it is not set. Set it, or "
+            "serve text-to-video only with WAN_MODES_SERVED=none")
+
+
+def _transformer_class(folder: Path, env: str) -> str:
+    config = folder / "transformer" / "config.json"
+    if not config.is_file():
+        raise WanConfigError(f"{env}={folder} is not a diffusers WAN folder (no transformer/config.json)")
+    data = json.loads(config.read_text())
+    if data.get("image_dim"):
+        raise WanConfigError(f"{env}={folder} is an image-to-video checkpoint; genq serves references "
+                             "through VACE: use a T2V folder here and a VACE folder in WAN_VACE_MODEL_PATH")
+    return data.get("_class_name", "")
+
+
+def _check_checkpoint(folder: Path, env: str, expected: str) -> None:
+    found = _transformer_class(folder, env)
+    if found != expected:
+        raise WanConfigError(f"{env}={folder} holds a {found or 'unknown'} transformer; expected {expected} "
+                             f"({'a VACE' if expected == _VACE_CLASS else 'a text-to-video'} checkpoint)")
+
+
+def fit_frame(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """Cover width x height and crop the overflow evenly: a frame must fill the video, not be letterboxed."""
+    return ImageOps.fit(image.convert("RGB"), (width, height), method=PIL.Image.Resampling.LANCZOS)
+
+
+def conditioning_video(mode: str, refs: dict[str, PIL.Image.Image], width: int, height: int,
+                       num_frames: int) -> tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
+    """VACE `video` and `mask` for the frame modes: the given frames are kept, every other one painted."""
+    grey = PIL.Image.new("RGB", (width, height), _GREY)
+    keep = PIL.Image.new("L", (width, height), _KEEP)
+    paint = PIL.Image.new("L", (width, height), _GENERATE)
+    video, mask = [grey] * num_frames, [paint] * num_frames
+    pinned = {"first_frame": 0, "last_frame": num_frames - 1}
+    for slot in REFERENCE_SLOTS[mode]:
+        index = pinned[slot]
+        video[index], mask[index] = fit_frame(refs[slot], width, height), keep
+    return video, mask
+
+
+class WanVideoPipeline:
+    family = "wan"
+
+    def __init__(self, settings: Settings, wan_settings: WanSettings | None = None):
+        self.settings = settings
+        self.wan = wan_settings or WanSettings()
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self._t2v = None
+        self._vace = None
+
+    # --- loading -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel, WanVACEPipeline, \
+            WanVACETransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        check_modes(self.settings, self.wan)
+        # Only a T2V-less daemon answers `none` on VACE; with both, T2V's lighter transformer does it.
+        t2v = self._resolve(self.settings.wan_model_path, "wan", build_tiny_wan, "WAN_MODEL_PATH", _T2V_CLASS)
+        vace = self._resolve(self.settings.wan_vace_model_path, "wan_vace", build_tiny_wan_vace,
+                             "WAN_VACE_MODEL_PATH", _VACE_CLASS)
+        self.device = pick_device(self.settings)
+        # WAN is trained in bf16; its activations overflow fp16 (the family default on GPU).
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else pick_dtype(self.device)
+        base = t2v or vace
+        shared = dict(
+            tokenizer=AutoTokenizer.from_pretrained(base, subfolder="tokenizer"),
+            text_encoder=UMT5EncoderModel.from_pretrained(base, subfolder="text_encoder",
+                                                          dtype=self.dtype).eval(),
+            # fp32 VAE: WAN's decoder bands and shifts colours in bf16 (diffusers' recommendation).
+            vae=AutoencoderKLWan.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32).eval(),
+            scheduler=make_scheduler("unipc", 3.0),
+        )
+        text_dim = shared["text_encoder"].config.d_model
+        if t2v:
+            self._t2v = WanPipeline(transformer=self._transformer(WanTransformer3DModel, t2v, text_dim), **shared)
+        if vace:
+            self._vace = WanVACEPipeline(transformer=self._transformer(WanVACETransformer3DModel, vace, text_dim),
+                                         **shared)
+        shared["vae"].to(self.device)
+        shared["text_encoder"].to("cpu" if self.wan.text_encoder_offload else self.device)
+        for pipe in self._pipelines():
+            pipe.set_progress_bar_config(disable=True)
+        log.info("wan ready on %s (%s): t2v=%s vace=%s modes=%s text_encoder_offload=%s", self.device,
+                 self.dtype, bool(t2v), bool(vace), ",".join(self.wan.modes_served), self.wan.text_encoder_offload)
+
+    def _resolve(self, path: str | None, family: str, builder, env: str, expected: str) -> str | None:
+        if not path:
+            return None
+        folder = Path(resolve_model_path(path, family, self.settings, builder, setting=env))
+        _check_checkpoint(folder, env, expected)
+        return str(folder)
+
+    def _transformer(self, cls, folder: str, text_dim: int):
+        model = cls.from_pretrained(folder, subfolder="transformer", torch_dtype=self.dtype).eval()
+        if model.config.text_dim != text_dim:
+            raise WanConfigError(f"{folder}: its transformer reads {model.config.text_dim}-wide text features, "
+                                 f"the shared text encoder makes {text_dim}: the checkpoints do not belong together")
+        return model.to(self.device)
+
+    def _pipelines(self):
+        return [p for p in (self._t2v, self._vace) if p is not None]
+
+    # --- running -----------------------------------------------------------------------------
+    def check_inputs(self, request: WanRequest, refs: dict[str, PIL.Image.Image]) -> None:
+        """Refuse what this daemon cannot honour, before any GPU work."""
+        if not self._pipelines():
+            raise RuntimeError("WanVideoPipeline.setup() has not run")
+        if request.reference_mode not in self.wan.modes_served:
+            raise PayloadError("metadata.video_reference_mode",
+                               f"{request.reference_mode} is not served here (WAN_MODES_SERVED="
+                               f"{','.join(self.wan.modes_served)})")
+        if request.fast_mode:
+            raise PayloadError("fast_mode", "step caching is not available yet; send false")
+        for field in ("prompt", "negative_prompt"):
+            tokens = len(self._tokenizer(getattr(request, field)).input_ids)
+            if tokens > MAX_PROMPT_TOKENS:
+                raise PayloadError(field, f"{tokens} tokens; WAN reads at most {MAX_PROMPT_TOKENS}")
+        for slot in REFERENCE_SLOTS[request.reference_mode]:
+            if not isinstance(refs.get(slot), PIL.Image.Image):
+                raise ValueError(f"refs[{slot!r}]: reference mode {request.reference_mode} needs a PIL image")
+
+    @property
+    def _tokenizer(self):
+        return self._pipelines()[0].tokenizer
+
+    def run(self, request: WanRequest, refs: dict[str, PIL.Image.Image] | None = None,
+            on_step: OnStep | None = None) -> list[PIL.Image.Image]:
+        """`request.num_frames` frames of `request.width` x `request.height`."""
+        refs = refs or {}
+        self.check_inputs(request, refs)
+        pipe, conditioning = self._route(request, refs)
+        pipe.scheduler = make_scheduler(request.sampler, request.shift)
+        positive, negative = self._encode(pipe, request)
+        output = pipe(
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative,
+            height=request.height,
+            width=request.width,
+            num_frames=request.num_frames,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            # A CPU generator draws the same noise on every device: a seed means one video.
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            output_type="pil",
+            callback_on_step_end=_step_callback(on_step, request.steps) if on_step else None,
+            **conditioning,
+        )
+        return list(output.frames[0])
+
+    def _route(self, request: WanRequest, refs: dict[str, PIL.Image.Image]):
+        mode = request.reference_mode
+        if mode == "none":
+            return (self._t2v, {}) if self._t2v is not None else (self._vace, {})
+        if self._vace is None:  # check_modes makes this unreachable through settings
+            raise WanConfigError(f"reference mode {mode} needs WAN_VACE_MODEL_PATH")
+        if mode == "single":
+            return self._vace, {"reference_images": [refs["image"].convert("RGB")]}
+        video, mask = conditioning_video(mode, refs, request.width, request.height, request.num_frames)
+        return self._vace, {"video": video, "mask": mask}
+
+    def _encode(self, pipe, request: WanRequest):
+        encoder = pipe.text_encoder
+        offload = self.wan.text_encoder_offload and self.device.type != "cpu"
+        if offload:
+            encoder.to(self.device)
+        try:
+            with torch.no_grad():
+                return pipe.encode_prompt(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    do_classifier_free_guidance=request.guidance_scale > 1.0,
+                    max_sequence_length=MAX_PROMPT_TOKENS,
+                    device=self.device,
+                    dtype=self.dtype,
+                )
+        finally:
+            if offload:
+                encoder.to("cpu")
+                torch.cuda.empty_cache()  # hand the encoder's memory back to the other processes on the GPU
+
+
+def _step_callback(on_step: OnStep, total: int):
+    def callback(_pipe, index: int, _timestep, _tensors) -> dict:
+        on_step(index + 1, total)
+        return {}
+
+    return callback
