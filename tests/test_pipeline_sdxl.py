@@ -42,6 +42,15 @@ class Cancelled(Exception):
     pass
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and idle OpenMP threads spin on a busy 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def settings(tiny_cache) -> Settings:
     return Settings(SDXL_MODEL_PATH="tiny", GENQ_TINY_CACHE=str(tiny_cache), GENQ_DEVICE="cpu")
