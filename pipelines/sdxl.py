@@ -23,6 +23,8 @@ Behaviour worth knowing:
   request gets fresh scheduler and pipeline objects around the shared weights, so nothing leaks between
   requests.
 * An empty negative prompt means none: SDXL then uses zero embeddings, as it was trained to.
+* The reference is turned upright (EXIF orientation), transparency goes on white, and it is resized to
+  exactly width x height (aspect not kept: the caller chose the size).
 * ``exact_copy``: an image-to-image run from the reference at ``request.strength`` (callers pick a light
   one), with a prompt that may be empty: the reference's content and layout stay, lightly re-rendered.
 * VAE in fp16: the original SDXL VAE can overflow in half precision (NaN, black images). Images are
@@ -48,7 +50,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -192,7 +194,7 @@ class SdxlPipeline:
         )
         if request.mode == "img2img":
             pipe = self._fresh(self.img2img, request.scheduler)
-            image = reference.convert("RGB").resize((request.width, request.height), Image.Resampling.LANCZOS)
+            image = _to_rgb(reference).resize((request.width, request.height), Image.Resampling.LANCZOS)
             args.update(image=image, strength=request.strength)
         else:
             pipe = self._fresh(self.txt2img, request.scheduler)
@@ -204,10 +206,14 @@ class SdxlPipeline:
             return [self._decode(one) for one in latents.split(1)]
 
     def _fresh(self, base, scheduler: str):
-        """A throw-away pipeline object around the shared weights, with its own scheduler state."""
+        """A throw-away pipeline object of base's class around the shared weights, with its own scheduler.
+
+        The weights always come from self.txt2img: a wrapper installed there (compiled UNet, other VAE)
+        serves both modes.
+        """
         proto = self.txt2img.scheduler
         cls = type(proto) if scheduler == "default" else SCHEDULERS[scheduler]
-        components = {**base.components, "scheduler": cls.from_config(proto.config)}
+        components = {**self.txt2img.components, "scheduler": cls.from_config(proto.config)}
         pipe = type(base)(**components, add_watermarker=False, **_pipeline_options(base))
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -248,6 +254,15 @@ class SdxlPipeline:
 def _pipeline_options(pipe) -> dict:
     return {k: pipe.config[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
             if k in pipe.config}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Upright RGB: honour the EXIF orientation (phone photos) and put transparency on white, not black."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+    return image.convert("RGB")
 
 
 def _variant(folder: Path) -> str | None:

@@ -1,6 +1,8 @@
 """SdxlPipeline on the tiny random-weight SDXL: real diffusers pipelines, CPU, 64x64, 2 steps."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,20 @@ def test_img2img_uses_the_reference(sdxl):
     assert not same(red[0], blue[0])
     assert same(sdxl.run(img2img(), reference=solid("red"))[0], red[0])
     assert not same(red[0], sdxl.run(img2img(strength=1.0), reference=solid("red"))[0])
+
+
+def test_reference_is_made_upright_and_transparency_goes_on_white(sdxl):
+    run = lambda ref: sdxl.run(img2img(), reference=ref)[0]  # noqa: E731
+    transparent = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    assert same(run(transparent), run(Image.new("RGB", (64, 64), "white")))
+    upright = Image.new("RGB", (48, 80), "navy")
+    upright.paste((250, 200, 0), (0, 0, 48, 20))
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # stored rotated, EXIF says "rotate back"
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # Orientation
+    stored = io.BytesIO()
+    sideways.save(stored, format="PNG", exif=exif)
+    assert same(run(Image.open(stored)), run(upright))
 
 
 def test_img2img_batch_matches_single_seed(sdxl):
