@@ -226,24 +226,24 @@ def _references(job: dict, job_type: str) -> dict[str, Any]:
     return values
 
 
-def adapt_wan(job: dict, enhancement: Enhancement | dict | None = None) -> WanRequest:
-    """Today's `wan_queue` payload -> a fully specified WanRequest (presets only where absent).
-
-    `enhancement`, when given, overrides the payload's own `enhancement` block.
-    """
-    job_type = require_type(job, WAN_JOB_TYPES)
-    fields = identity(job)
-    preset = WAN_PRESETS[job_type]
+def _check_one_output(job: dict, job_type: str) -> None:
     num_images = get_int(job, "config.num_images", 1)
     if num_images != 1:
         raise PayloadError("config.num_images", f"must be 1 for {job_type} (got {num_images})")
     pipeline = get_path(job, "config.pipeline", str)
     if job_type not in IMAGE_JOB_TYPES and pipeline not in (None, "video"):
         raise PayloadError("config.pipeline", f"must be video for {job_type} (got {pipeline!r:.40})")
+
+
+def adapt_wan(job: dict) -> WanRequest:
+    """Today's `wan_queue` payload -> a fully specified WanRequest (presets only where absent)."""
+    job_type = require_type(job, WAN_JOB_TYPES)
+    _check_one_output(job, job_type)
+    preset = WAN_PRESETS[job_type]
     seed, _given = seed_of(job)
     width, height = _size(job)
     values = dict(
-        fields,
+        identity(job),
         job_type=job_type,
         width=width,
         height=height,
@@ -253,7 +253,7 @@ def adapt_wan(job: dict, enhancement: Enhancement | dict | None = None) -> WanRe
         sampler=get_path(job, "config.sample_solver", str, DEFAULT_SAMPLER),
         shift=_shift(job, width, height),
         seed=seed,
-        enhancement=enhancement if enhancement is not None else enhancement_of(job),
+        enhancement=enhancement_of(job),
         **_references(job, job_type),
     )
     try:
