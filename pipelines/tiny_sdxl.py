@@ -154,6 +154,7 @@ def _unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return out
 
 
+_VAE_BLOCK_PART = {"resnets": "block", "downsamplers.0": "downsample", "upsamplers.0": "upsample"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -164,14 +165,11 @@ def _vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     for key, value in vae.state_dict().items():
         if key in fixed:
             new = fixed[key]
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(.+)", key):
-            new = f"encoder.down.{m[1]}.block.{m[2]}"
-        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
-            new = f"encoder.down.{m[1]}.downsample.{m[2]}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(.+)", key):
-            new = f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}"
-        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
-            new = f"decoder.up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
+        elif m := re.fullmatch(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(resnets|\w+samplers\.0)\.(.+)", key):
+            side, level, part, rest = m[1], int(m[2]), m[3], m[4]
+            if side == "decoder.up":  # LDM numbers decoder levels like the encoder: 0 is full size
+                level = levels - 1 - level
+            new = f"{side}.{level}.{_VAE_BLOCK_PART[part]}.{rest}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
             new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
