@@ -1,0 +1,156 @@
+"""SDXL: plain StableDiffusionXLPipeline (fp16, default scheduler) against pipelines.accel, same run, same card.
+
+    python -m bench.sdxl [--tiny] [--runs 3] [--compile-mode MODE] [--cache-dir DIR]
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.harness import Report, compare, import_accel, memory, parse_args, ratio, reset_memory, sync, timed
+from bench.models import build_sdxl
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
+NEGATIVE = "blurry, low quality"
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+class UnetCapture:
+    """Records the first UNet call's inputs and output (for a same-input comparison after accelerating)."""
+
+    def __init__(self, unet):
+        self.args = self.kwargs = self.out = None
+        self.handle = unet.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _m, args, kwargs, out):
+        if self.out is None:
+            self.args, self.kwargs = _clone(args), _clone(kwargs)
+            self.out = (out[0] if isinstance(out, tuple) else out.sample).detach().clone()
+        self.handle.remove()
+
+
+def main() -> None:
+    args = parse_args(__doc__, lambda ap: (ap.add_argument("--steps", type=int, default=25),
+                                           ap.add_argument("--fast-steps", type=int, default=15),
+                                           ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache")))
+    accel = import_accel()
+    dev, tiny = args.device, args.tiny
+    if tiny:  # a smoke run checks the code paths, not the speed
+        args.steps, args.fast_steps = 2, 1
+    side = 64 if tiny else 1024
+    wide = (64, 48) if tiny else (1024, 576)
+    rep = Report("sdxl", args)
+    st: dict = {}
+
+    def build():
+        reset_memory(dev)
+        import time
+        t0 = time.perf_counter()
+        st["pipe"] = build_sdxl(dev, torch.float16 if dev == "cuda" else torch.float32, tiny=tiny)
+        sync(dev)
+        return {"build_s": round(time.perf_counter() - t0, 1), **memory(dev),
+                "params_b": {k: round(sum(p.numel() for p in getattr(st["pipe"], k).parameters()) / 1e9, 3)
+                             for k in ("unet", "vae", "text_encoder", "text_encoder_2")}}
+
+    rep.stage("build", build)
+    pipe = st["pipe"]
+
+    def call(n: int, steps: int, seed: int = 0, output_type: str = "np", w: int = side, h: int = side):
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, width=w, height=h, num_images_per_prompt=n,
+                    num_inference_steps=steps, generator=torch.Generator(dev).manual_seed(seed),
+                    output_type=output_type).images
+
+    def figures(prefix: str, runs_6: int, between=None):
+        rep.stage(f"{prefix}_1img_{args.steps}steps", lambda: timed(lambda: call(1, args.steps), dev, args.runs,
+                                                                     images=1, steps=args.steps))
+        if between:
+            between()
+        rep.stage(f"{prefix}_6img_{args.steps}steps", lambda: timed(lambda: call(6, args.steps), dev, runs_6,
+                                                                     images=6, steps=args.steps),
+                  optional_cost_s=60 if prefix == "accel" else None)
+        rep.stage(f"{prefix}_1img_{args.fast_steps}steps",
+                  lambda: timed(lambda: call(1, args.fast_steps), dev, args.runs, images=1, steps=args.fast_steps),
+                  optional_cost_s=20)
+
+    def reference():
+        cap = UnetCapture(pipe.unet)
+        st["ref_latents"] = call(1, args.steps, output_type="latent")
+        st["unet_cap"] = cap
+        st["ref_image"] = decode_fp32(st["ref_latents"])
+        return {"latent_std": float(st["ref_latents"].float().std()), "image_std": float(st["ref_image"].std())}
+
+    def decode_fp32(latents):
+        """The baseline's own decode: the VAE upcast to fp32, as the pipeline does for force_upcast."""
+        vae = pipe.vae
+        old = vae.dtype
+        vae.to(torch.float32)
+        with torch.no_grad():
+            img = vae.decode(latents.float() / vae.config.scaling_factor).sample
+        vae.to(old)
+        return (img / 2 + 0.5).clamp(0, 1).float()
+
+    def shapes(path: str):
+        rows = []
+        for w, h in [(side, side), wide, wide[::-1]]:
+            for n in (1, 3, 6):
+                reset_memory(dev)
+                resident = memory(dev).get("allocated_gib")
+                call(n, 2, w=w, h=h)
+                sync(dev)
+                rows.append({"family": "sdxl", "path": path, "width": w, "height": h, "images": n,
+                             "resident_gib": resident, **memory(dev)})
+        return rows
+
+    figures("baseline", runs_6=2)
+    rep.stage("baseline_reference", reference)
+    rep.stage("memory_baseline", lambda: shapes("baseline"), optional_cost_s=60)
+
+    opts = accel.AccelOptions(enabled=True, compile=False, compile_mode=args.compile_mode, cache_dir=args.cache_dir)
+    rep.stage("accel_eager_levers", lambda: accel.accelerate_sdxl(pipe, opts))
+    rep.stage("memory_accel_eager", lambda: shapes("accel_eager"), optional_cost_s=60)
+    rep.stage("eager_levers_1img", lambda: timed(lambda: call(1, args.steps), dev, 2, images=1), optional_cost_s=30)
+    if dev == "cuda":
+        rep.stage("accel_compile", lambda: accel.compile_sdxl(pipe, opts))
+
+    def check():
+        cap = st["unet_cap"]
+        with torch.no_grad():
+            unet_out = pipe.unet(*cap.args, **cap.kwargs)
+        unet_out = unet_out[0] if isinstance(unet_out, tuple) else unet_out.sample
+        lat = call(1, args.steps, output_type="latent")
+        with torch.no_grad():
+            ours_img = (pipe.vae.decode(st["ref_latents"] / pipe.vae.config.scaling_factor).sample / 2 + 0.5)
+            e2e_img = (pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample / 2 + 0.5)
+        return {"unet_same_input": compare(cap.out, unet_out),
+                "vae_decode_same_latents": compare(st["ref_image"], ours_img.clamp(0, 1)),
+                "end_to_end_latents": compare(st["ref_latents"], lat),
+                "end_to_end_image": compare(st["ref_image"], e2e_img.clamp(0, 1)),
+                "tolerance": {"unet_same_input.rel_l2": 1e-2, "vae_decode_same_latents.psnr_db": 40,
+                              "end_to_end_image.psnr_db": 30}}
+
+    figures("accel", runs_6=3, between=lambda: rep.stage("equality", check))
+
+    s = rep.data["stages"]
+    rep["summary"] = {
+        f"speedup_1img_{args.steps}steps_min": ratio(s.get(f"baseline_1img_{args.steps}steps"),
+                                                     s.get(f"accel_1img_{args.steps}steps")),
+        f"speedup_1img_{args.steps}steps_median": ratio(s.get(f"baseline_1img_{args.steps}steps"),
+                                                        s.get(f"accel_1img_{args.steps}steps"), "median_s"),
+        f"throughput_6img_{args.steps}steps_min": ratio(s.get(f"baseline_6img_{args.steps}steps"),
+                                                        s.get(f"accel_6img_{args.steps}steps")),
+        f"speedup_1img_{args.fast_steps}steps_min": ratio(s.get(f"baseline_1img_{args.fast_steps}steps"),
+                                                          s.get(f"accel_1img_{args.fast_steps}steps")),
+    }
+    print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)
+
+
+if __name__ == "__main__":
+    main()

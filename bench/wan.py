@@ -1,0 +1,184 @@
+"""WAN 2.1 1.3B: plain WanPipeline (bf16 transformer, fp32 VAE) against pipelines.accel, same run, same card.
+
+Per-step times come from the step callback (synchronised), so one call yields several step timings.
+
+    python -m bench.wan [--tiny] [--runs 3] [--full-steps 25] [--cache-thresholds 0.05,0.1]
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from bench.harness import Report, compare, import_accel, memory, parse_args, ratio, reset_memory, sync
+from bench.models import build_umt5, build_wan
+
+
+def main() -> None:
+    args = parse_args(__doc__, lambda ap: (ap.add_argument("--full-steps", type=int, default=25),
+                                           ap.add_argument("--check-steps", type=int, default=4),
+                                           ap.add_argument("--cache-thresholds", default="0.05,0.1"),
+                                           ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache")))
+    accel = import_accel()
+    dev, tiny = args.device, args.tiny
+    h, w, frames = (32, 32, 5) if tiny else (480, 832, 81)
+    if tiny:
+        args.full_steps, args.check_steps = 3, 2
+    rep = Report("wan", args)
+    st: dict = {}
+
+    def build():
+        reset_memory(dev)
+        t0 = time.perf_counter()
+        st["pipe"] = build_wan(dev, tiny=tiny)
+        sync(dev)
+        pipe = st["pipe"]
+        gib = {k: round(sum(p.numel() * p.element_size() for p in getattr(pipe, k).parameters()) / 1024**3, 3)
+               for k in ("transformer", "vae")}
+        return {"build_s": round(time.perf_counter() - t0, 1), **memory(dev), "weights_gib": gib}
+
+    rep.stage("build", build)
+    pipe = st["pipe"]
+    g = torch.Generator(dev).manual_seed(0)
+    text_len, text_dim = (16, 32) if tiny else (512, 4096)
+    emb = torch.randn(1, text_len, text_dim, device=dev, dtype=torch.bfloat16, generator=g)
+    neg = torch.randn(1, text_len, text_dim, device=dev, dtype=torch.bfloat16, generator=g)
+
+    def call(steps: int, n_frames: int = frames, stamps: list | None = None):
+        def on_step(_p, _i, _t, kw):
+            if stamps is not None:
+                sync(dev)
+                stamps.append(time.perf_counter())
+            return kw
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=h, width=w, num_frames=n_frames,
+                    num_inference_steps=steps, guidance_scale=6.5, generator=torch.Generator(dev).manual_seed(0),
+                    output_type="latent", callback_on_step_end=on_step).frames
+
+    def per_step(steps: int) -> dict:
+        call(2)  # warm-up (and compilation) at the served shape
+        reset_memory(dev)
+        stamps: list[float] = []
+        call(steps, stamps=stamps)
+        steps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+        return {"step_s": [round(t, 4) for t in steps_s], "min_s": round(min(steps_s), 4),
+                "median_s": round(statistics.median(steps_s), 4), "frames": frames, **memory(dev)}
+
+    def decode(latents):
+        vae = pipe.vae
+        z = vae.config.z_dim
+        lat = latents.to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(lat.device, lat.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(lat.device, lat.dtype)
+        with torch.no_grad():
+            video = vae.decode(lat / inv_std + mean, return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0, 1)
+
+    def timed_decode(name: str):
+        decode(st["ref_latents"][:, :, :2])  # warm-up: kernels and handles, short clip
+        reset_memory(dev)
+        t0 = time.perf_counter()
+        st[name] = decode(st["ref_latents"])
+        sync(dev)
+        return {"decode_s": round(time.perf_counter() - t0, 3), "frames": frames, **memory(dev)}
+
+    class Capture:
+        def __init__(self, module):
+            self.out = None
+            self.handle = module.register_forward_hook(self.hook, with_kwargs=True)
+
+        def hook(self, _m, a, kw, out):
+            if self.out is None:
+                self.args = tuple(x.clone() if torch.is_tensor(x) else x for x in a)
+                self.kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in kw.items()}
+                self.out = out[0].clone()
+            self.handle.remove()
+
+    def reference():
+        st["cap"] = Capture(pipe.transformer)
+        st["ref_latents"] = call(args.check_steps)
+        return {"latent_std": float(st["ref_latents"].float().std())}
+
+    steps_timed = 2 + args.runs
+    rep.stage("baseline_per_step", lambda: per_step(steps_timed))
+    rep.stage("baseline_reference", reference)
+    rep.stage("baseline_vae_decode_fp32", lambda: timed_decode("ref_video"))
+
+    def memory_1frame(path: str):
+        reset_memory(dev)
+        resident = memory(dev).get("allocated_gib")
+        decode(call(2, n_frames=1))
+        sync(dev)
+        return {"family": "wan", "path": path, "width": w, "height": h, "frames": 1, "resident_gib": resident,
+                **memory(dev)}
+
+    rep.stage("memory_baseline_1frame", lambda: memory_1frame("baseline"), optional_cost_s=30)
+
+    opts = accel.AccelOptions(enabled=True, compile=dev == "cuda", compile_mode=args.compile_mode,
+                              cache_dir=args.cache_dir)
+    rep.stage("accel_levers", lambda: accel.accelerate_wan(pipe, opts))
+    rep.stage("accel_per_step", lambda: per_step(steps_timed))
+
+    def check():
+        cap = st["cap"]
+        with torch.no_grad():
+            out = pipe.transformer(*cap.args, **cap.kwargs)[0]
+        lat = call(args.check_steps)
+        return {"transformer_same_input": compare(cap.out, out), f"latents_after_{args.check_steps}_steps":
+                compare(st["ref_latents"], lat), "tolerance": {"transformer_same_input.rel_l2": 2e-2}}
+
+    rep.stage("equality", check)
+    rep.stage("accel_vae_decode_bf16", lambda: timed_decode("bf16_video"))
+    rep.stage("vae_decode_equality", lambda: compare(st["ref_video"], st["bf16_video"]))
+    rep.stage("memory_accel_1frame", lambda: memory_1frame("accel"), optional_cost_s=30)
+
+    def full(threshold: float | None):
+        accel.set_wan_step_cache(pipe, threshold)
+        try:
+            call(2)  # warm-up: hooks change the traced code
+            t0 = time.perf_counter()
+            lat = call(args.full_steps)
+            sync(dev)
+            took = time.perf_counter() - t0
+        finally:
+            accel.set_wan_step_cache(pipe, None)
+        res = {"denoise_s": round(took, 3), "steps": args.full_steps}
+        if threshold is None:
+            st["full_latents"] = lat
+        else:
+            res["vs_accel_uncached"] = compare(st["full_latents"], lat)
+        return res
+
+    rep.stage(f"accel_full_{args.full_steps}steps", lambda: full(None), optional_cost_s=60)
+    for thr in [float(x) for x in args.cache_thresholds.split(",") if x]:
+        rep.stage(f"accel_stepcache_{thr}", lambda thr=thr: full(thr), optional_cost_s=45)
+
+    def text_encoder():
+        pipe.to("cpu") if tiny else None
+        reset_memory(dev)
+        enc = build_umt5(dev, tiny=tiny)
+        sync(dev)
+        resident = memory(dev)["allocated_gib"] if dev == "cuda" else None
+        ids = torch.randint(0, enc.config.vocab_size, (2, text_len), device=dev)
+        with torch.no_grad():
+            enc(ids, attention_mask=torch.ones_like(ids))
+        sync(dev)
+        return {"component": "umt5_xxl", "weights_gib": round(sum(p.numel() * 2 for p in enc.parameters()) / 1024**3, 3),
+                "resident_gib": resident, "forward_2x512": memory(dev)}
+
+    rep.stage("memory_text_encoder", text_encoder, optional_cost_s=40)
+    s = rep.data["stages"]
+    base, ours = s.get("baseline_per_step"), s.get("accel_per_step")
+    est_base = base and round(base["median_s"] * args.full_steps, 2)
+    rep["summary"] = {
+        "speedup_per_step_min": ratio(base, ours), "speedup_per_step_median": ratio(base, ours, "median_s"),
+        "vae_decode_speedup": ratio(s.get("baseline_vae_decode_fp32"), s.get("accel_vae_decode_bf16"), "decode_s"),
+        f"baseline_{args.full_steps}steps_estimated_s": est_base,
+        **{f"stepcache_{k.rsplit('_', 1)[1]}_vs_baseline_estimate": round(est_base / v["denoise_s"], 3)
+           for k, v in s.items() if k.startswith("accel_stepcache_") and est_base},
+    }
+    print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)
+
+
+if __name__ == "__main__":
+    main()
