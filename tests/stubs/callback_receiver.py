@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from typing import Callable
 
 from . import LocalServer, Reply, Request, json_reply
@@ -30,6 +31,7 @@ class CallbackReceiver(LocalServer):
         self.service_key = service_key
         self.received: list[dict] = []
         self.final: dict[str, str] = {}  # job_id -> the final status it reached
+        self._arrived: list[tuple[float, str, str]] = []  # (monotonic time, job_id, status)
 
     @property
     def url(self) -> str:
@@ -52,8 +54,14 @@ class CallbackReceiver(LocalServer):
             if body["status"] in FINAL and not skipped:
                 self.final[body["job_id"]] = body["status"]
             self.received.append(body)
+            self._arrived.append((time.monotonic(), body["job_id"], body["status"]))
             self.changed.notify_all()
         return json_reply(200, {"status": "skipped" if skipped else "ok"})
+
+    def arrivals(self, job_id: str, status: str) -> list[float]:
+        """When (time.monotonic) each verified callback of this job and status arrived, in order."""
+        with self.changed:
+            return [t for t, j, s in self._arrived if j == job_id and s == status]
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 10.0) -> dict:
         """The first received body matching `predicate`, waiting up to `timeout` seconds for it."""

@@ -1,0 +1,215 @@
+"""The SDXL daemon end to end: real redis-server, real daemon processes on the tiny SDXL, the Storage
+stub and a callback receiver that verifies signatures like today's job-callback."""
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+from rq import Queue
+from rq.job import Job
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
+from rq.serializers import JSONSerializer
+
+from consumers.cancel import request_cancel
+from tests.integration import BUCKET, encode, load_payload, png_size, stack  # noqa: F401
+
+SMALL = {"config__resolution": "128x96", "config__num_inference_steps": 3}
+
+
+def image_job(**changes) -> dict:
+    return load_payload("01_sdxl_fast_1_image.json", **{**SMALL, **changes})
+
+
+def assert_completed_images(stack, job: dict, width: int, height: int, seeds: list[int]) -> dict:
+    body = stack.final_callback(job["id"])
+    assert body["status"] == "completed", body
+    prefix = f"{job['user_id']}/{job['id']}/"
+    assert [a["url"] for a in body["assets"]] == [f"{prefix}{i}.png" for i in range(len(seeds))]
+    assert [a["metadata"]["seed"] for a in body["assets"]] == seeds
+    stored = stack.stored(prefix)
+    assert len(stored) == 2 * len(seeds)  # a PNG and a thumbnail each, nothing else
+    for i, asset in enumerate(body["assets"]):
+        data, content_type = stored[asset["url"]]
+        assert content_type == "image/png" and png_size(data) == (width, height)
+        assert asset["metadata"]["file_size_bytes"] == len(data)
+        thumb, thumb_type = stored[asset["thumbnail_url"]]
+        assert asset["thumbnail_url"] == f"{prefix}{i}.thumb.webp" and thumb_type == "image/webp"
+        with Image.open(io.BytesIO(thumb)) as t:
+            assert t.format == "WEBP" and max(t.size) == 256
+    assert body["metadata"]["seed"] == seeds[0] and body["worker_id"] == "sdxl-gpu0-testhost"
+    return body
+
+
+def test_every_example_payload_in_every_encoding(stack):
+    jobs = []
+    for name, size in (("01_sdxl_fast_1_image.json", "128x128"), ("02_sdxl_high_6_images_negative_seed.json", "128x72")):
+        for encoding in range(3):
+            job = load_payload(name, config__resolution=size, config__num_inference_steps=2)
+            stack.r.rpush("sdxl_queue", encode(job, encoding))
+            jobs.append(job)
+    stack.run_burst("sdxl")
+    for job in jobs:
+        width, height = map(int, job["config"]["resolution"].split("x"))
+        seed = job["config"].get("seed")
+        n = job["config"]["num_images"]
+        if seed is None:  # a random seed is drawn and recorded
+            seed = stack.final_callback(job["id"])["metadata"]["seed"]
+        body = assert_completed_images(stack, job, width, height, [seed + i for i in range(n)])
+        assert body["metadata"]["negative_prompt_used"] is True
+    finished = FinishedJobRegistry("sdxl_queue", connection=stack.r)
+    assert {j["id"] for j in jobs} <= set(finished.get_job_ids())
+    assert stack.r.llen("sdxl_queue") == 0
+
+
+def test_seeds_sizes_and_counts_asked_for_are_produced(stack):
+    job = image_job(config__num_images=3, config__seed=4242, config__resolution="96x160")
+    stack.r.rpush("sdxl_queue", encode(job, 0))
+    stack.run_burst("sdxl")
+    assert_completed_images(stack, job, 96, 160, [4242, 4243, 4244])
+
+
+def reference_png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 150), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_img2img_uses_the_reference(stack):
+    uid = "11111111-1111-4111-8111-111111111111"
+    stack.storage.put_object("user-library", f"{uid}/red.png", reference_png((250, 10, 10)))
+    stack.storage.put_object("user-library", f"{uid}/blue.png", reference_png((10, 10, 250)))
+    common = dict(config__seed=7, config__pipeline="img2img", config__denoise_strength=0.5,
+                  config__num_inference_steps=4)
+    red = image_job(metadata__reference_image_url=f"user-library/{uid}/red.png", **common)
+    blue = image_job(metadata__reference_image_url=stack.storage.sign("user-library", f"{uid}/blue.png"), **common)
+    for job in (red, blue):
+        stack.r.rpush("sdxl_queue", encode(job, 0))
+    stack.run_burst("sdxl")
+    outputs = []
+    for job in (red, blue):
+        body = assert_completed_images(stack, job, 128, 96, [7])
+        assert body["assets"][0]["metadata"]["mode"] == "img2img"
+        data, _ = stack.stored(f"{job['user_id']}/{job['id']}/0.png")[body["assets"][0]["url"]]
+        with Image.open(io.BytesIO(data)) as img:
+            outputs.append(img.convert("RGB").resize((1, 1)).getpixel((0, 0)))
+    (r1, _, b1), (r2, _, b2) = outputs
+    assert r1 > b1 and b2 > r2  # each output keeps its own reference's colour
+
+
+def test_bad_payloads_fail_with_a_signed_callback_and_the_daemon_carries_on(stack):
+    wrong_count = image_job(config__num_images=4)
+    policy = image_job(prompt="nude photo of a 12 year old")
+    bad_ref = image_job(config__pipeline="img2img", metadata__reference_image_url="http://169.254.169.254/x.png")
+    good = image_job(config__seed=11)
+    stack.r.rpush("sdxl_queue", encode(wrong_count, 1), b"{not json", encode(policy, 2), encode(bad_ref, 0),
+                  encode(good, 0))
+    stack.run_burst("sdxl")
+    body = stack.final_callback(wrong_count["id"])
+    assert body["status"] == "failed" and body["error_message"].startswith("config.num_images")
+    assert body["metadata"] == {"reason": "invalid_payload", "field": "config.num_images"}
+    body = stack.final_callback(policy["id"])
+    assert body["status"] == "failed" and body["metadata"]["reason"] == "policy_violation"
+    body = stack.final_callback(bad_ref["id"])
+    assert body["status"] == "failed" and "metadata.reference_image_url" in body["error_message"]
+    assert_completed_images(stack, good, 128, 96, [11])
+    for job in (wrong_count, policy, bad_ref):
+        assert stack.stored(f"{job['user_id']}/{job['id']}/") == {}
+    failed = FailedJobRegistry("sdxl_queue", connection=stack.r, serializer=JSONSerializer)
+    ids = failed.get_job_ids()
+    assert {wrong_count["id"], policy["id"], bad_ref["id"]} <= set(ids)
+    undecodable = [i for i in ids if i.startswith("invalid-")]
+    assert len(undecodable) == 1  # kept in rq with its reason, nobody to call back
+    job = Job.fetch(undecodable[0], connection=stack.r, serializer=JSONSerializer)
+    assert "not JSON" in job.latest_result().exc_string
+    # final errors are not retried: one attempt each
+    assert Job.fetch(wrong_count["id"], connection=stack.r, serializer=JSONSerializer).retries_left == 0
+
+
+def test_jobs_enqueued_natively_with_rq_run_too(stack):
+    job = image_job(config__seed=5)
+    Queue("sdxl_queue", connection=stack.r, serializer=JSONSerializer).enqueue("consumers.tasks.perform", job)
+    stack.run_burst("sdxl")
+    assert_completed_images(stack, job, 128, 96, [5])
+
+
+def test_kill9_mid_job_then_restart_completes_with_no_lost_and_no_extra_files(stack):
+    job = image_job(config__num_images=3, config__seed=99, config__num_inference_steps=40)
+    stack.r.rpush("sdxl_queue", encode(job, 1))
+    first = stack.daemon("sdxl")
+    stack.receiver.wait_for(lambda b: b["job_id"] == job["id"] and b["status"] == "processing"
+                            and b["metadata"]["stage"] == "generating", timeout=300)
+    first.kill9()
+    assert stack.r.llen("sdxl_queue") == 0  # the job is no longer queued: it lives in rq's started registry
+    second = stack.daemon("sdxl")
+    assert_completed_images(stack, job, 128, 96, [99, 100, 101])
+    second.terminate()
+    assert second.wait(60) == 0
+    assert stack.r.llen("sdxl_queue") == 0
+    assert Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_status() == "finished"
+
+
+def test_storage_and_callback_outages_are_ridden_out(stack):
+    job = image_job(config__seed=3)
+    stack.storage.fail_next(3, status=503)  # HTML 5xx pages from a proxy
+    stack.receiver.stop()  # the callback endpoint is down for the whole first run
+    stack.r.rpush("sdxl_queue", encode(job, 0))
+    stack.run_burst("sdxl")
+    assert stack.receiver.received == []
+    assert stack.r.hlen("genq:outbox") == 1  # the callback waits in Redis
+    stack.receiver.start()
+    stack.run_burst("sdxl")  # a restarted daemon delivers what was left
+    assert_completed_images(stack, job, 128, 96, [3])
+    assert stack.r.hlen("genq:outbox") == 0
+
+
+def test_sigterm_finishes_the_current_job_then_exits(stack):
+    job = image_job(config__seed=8, config__num_inference_steps=30)
+    stack.r.rpush("sdxl_queue", encode(job, 0))
+    daemon = stack.daemon("sdxl")
+    stack.receiver.wait_for(lambda b: b["job_id"] == job["id"] and b["status"] == "processing", timeout=300)
+    daemon.terminate()
+    assert daemon.wait(300) == 0
+    assert_completed_images(stack, job, 128, 96, [8])
+
+
+def test_cancelling_a_queued_and_a_running_job(stack):
+    queued = image_job(config__seed=1)
+    running = image_job(config__seed=2, config__num_inference_steps=100)
+    after = image_job(config__seed=3)
+    request_cancel(stack.r, queued["id"])
+    stack.r.rpush("sdxl_queue", encode(queued, 0), encode(running, 0), encode(after, 0))
+    daemon = stack.daemon("sdxl")
+    stack.receiver.wait_for(lambda b: b["job_id"] == running["id"] and b["status"] == "processing"
+                            and b["metadata"]["stage"] == "generating", timeout=300)
+    request_cancel(stack.r, running["id"])
+    for job in (queued, running):
+        body = stack.final_callback(job["id"])
+        assert body["status"] == "cancelled"
+        assert stack.stored(f"{job['user_id']}/{job['id']}/") == {}
+    assert_completed_images(stack, after, 128, 96, [3])  # the GPU went on to the next job
+    daemon.terminate()
+    assert daemon.wait(60) == 0
+    canceled = CanceledJobRegistry("sdxl_queue", connection=stack.r, serializer=JSONSerializer)
+    assert {queued["id"], running["id"]} <= set(canceled.get_job_ids())
+    events = stack.callbacks(running["id"])
+    assert events[-1]["status"] == "cancelled"
+    steps = [e["metadata"]["progress"] for e in events[:-1] if e["metadata"].get("stage") == "generating"]
+    assert steps and steps[-1] < 100  # stopped early, within a step of the request
+
+
+def test_progress_callbacks_are_ordered_throttled_and_stop_before_the_final_one(stack):
+    job = image_job(config__seed=21, config__num_inference_steps=60)
+    stack.r.rpush("sdxl_queue", encode(job, 0))
+    stack.run_burst("sdxl", GENQ_PROGRESS_MIN_INTERVAL_S="1.0")
+    events = stack.callbacks(job["id"])
+    assert events[-1]["status"] == "completed"
+    progress = [e for e in events[:-1]]
+    assert progress and all(e["status"] == "processing" for e in progress)
+    generating = [e["metadata"]["progress"] for e in progress if e["metadata"]["stage"] == "generating"]
+    assert generating == sorted(generating) and all(0 <= p <= 100 for p in generating)
+    times = stack.receiver.arrivals(job["id"], "processing")
+    assert all(b - a >= 0.9 for a, b in zip(times, times[1:]))  # none more often than the setting
+    meta = Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_meta()
+    assert meta["stage"] == "uploading" or meta["progress"] == 100
