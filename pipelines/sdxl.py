@@ -139,6 +139,7 @@ class SdxlPipeline:
             self.run(request.model_copy(update={"reference": Reference(source="warmup"), "strength": 0.5}),
                      reference)
         except Exception as exc:
+            self.txt2img = self.img2img = None  # let the memory go: this object must not serve
             raise RuntimeError(f"SDXL warm-up at {width}x{height}, {images} image(s) failed, refusing to start "
                                f"(lower GENQ_LIMIT_SDXL_MAX_PIXELS or SDXL_WARMUP_*): {exc}") from exc
         finally:

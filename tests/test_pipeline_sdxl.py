@@ -243,8 +243,11 @@ def test_failed_warm_up_refuses_to_start(settings, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", out_of_memory)
+    pipe = SdxlPipeline(settings)
     with pytest.raises(RuntimeError, match="warm-up.*refusing to start"):
-        SdxlPipeline(settings).setup()
+        pipe.setup()
+    with pytest.raises(RuntimeError, match="before setup"):
+        pipe.run(request())
 
 
 def test_tiny_build_is_atomic(tmp_path):
