@@ -11,8 +11,9 @@ What an operator provides (offline: nothing is fetched from a hub):
   text_encoder_2/config.json, scheduler/scheduler_config.json and the tokenizer/ and tokenizer_2/ files.
   diffusers 0.42's ``from_single_file`` converts the weights itself but takes every architecture and
   tokenizer from that folder (without it, it would download them). Fetch it once where there is internet:
-  ``huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --include "*.json" "*.txt"
-  --local-dir /models/sdxl-config`` (a few MB). Pickled ``.ckpt`` files are refused: convert them.
+  ``hf download stabilityai/stable-diffusion-xl-base-1.0 --include "*.json" "*.txt"
+  --local-dir /models/sdxl-config`` (a few MB; it fits any SDXL-base fine-tune). Pickled ``.ckpt`` files
+  are refused: convert them.
 * ``SDXL_MODEL_PATH=tiny``: random weights built once under GENQ_TINY_CACHE (tests, demo).
 
 Behaviour worth knowing:
