@@ -97,6 +97,11 @@ class LocalServer:
         with self.lock:
             self._failures.extend([status] * n)
 
+    def heal(self) -> None:
+        """Drop the failures still planned by fail_next: the service is healthy again."""
+        with self.lock:
+            self._failures.clear()
+
     def _dispatch(self, request: Request) -> Reply:
         with self.lock:
             status = self._failures.pop(0) if self._failures else None
