@@ -25,7 +25,8 @@ def perform(runtime, job: Job | None, payload: dict) -> dict:
         progress.check_cancel(force=True)
         runtime.pipeline.check_inputs(request)
         started = time.monotonic()
-        result = runtime.pipeline.run(request, on_token=progress.on_step)
+        with runtime.hold_gpu(request, job):
+            result = runtime.pipeline.run(request, on_token=progress.on_step)
     finally:
         progress.close()
     reply = chat_reply(request, text=result.text, generation_time=time.monotonic() - started,

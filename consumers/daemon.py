@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+import memory
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -11,6 +12,7 @@ from rq.serializers import JSONSerializer
 from schemas.settings import Settings
 
 from .families import FAMILIES
+from .gpu import GpuGate
 from .intake import Intake
 from .runtime import Runtime, install
 from .worker import GenqWorker
@@ -34,6 +36,7 @@ def build(family_name: str, settings: Settings, redis: Redis | None = None) -> G
     pipeline.setup()
     runtime = Runtime(settings=settings, redis=redis, family=family, pipeline=pipeline,
                       uploader=Uploader(settings, redis), worker_id=worker_id)
+    runtime.gpu = GpuGate(runtime, memory.daemon_admission(redis, settings, name, family.name))
     install(runtime)
     queue = Queue(family.raw_queue, connection=redis, serializer=JSONSerializer)
     intake = Intake(redis=redis, queue=queue, raw_queue=family.raw_queue, worker_name=name,
@@ -49,4 +52,4 @@ def run(family_name: str, settings: Settings, burst: bool = False, log_level: st
     if delivered:
         log.info("delivered %d callback(s) left over from an earlier run", delivered)
     worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
-    return 0
+    return getattr(worker, "exit_code", 0)

@@ -15,6 +15,11 @@ class Family:
     raw_queue: str
     pipeline: str  # "module:Class", constructed with Settings, then .setup()
     handler: str  # module with perform(runtime, job, payload) and report_failure(runtime, payload, exc)
+    adapter: str  # "module:function": today's payload -> the family's typed request
+
+    def adapt(self, payload: dict) -> Any:
+        module, name = self.adapter.split(":")
+        return getattr(importlib.import_module(module), name)(payload)
 
     def load_pipeline(self, settings) -> Any:
         module, cls = self.pipeline.split(":")
@@ -26,7 +31,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "sdxl": Family("sdxl", "sdxl_queue", "pipelines.sdxl:SdxlPipeline", "consumers.images"),
-    "wan": Family("wan", "wan_queue", "pipelines.wan:WanVideoPipeline", "consumers.videos"),
-    "chat": Family("chat", "chat_queue", "pipelines.chat:ChatPipeline", "consumers.chat"),
+    "sdxl": Family("sdxl", "sdxl_queue", "pipelines.sdxl:SdxlPipeline", "consumers.images", "schemas.sdxl:adapt_sdxl"),
+    "wan": Family("wan", "wan_queue", "pipelines.wan:WanVideoPipeline", "consumers.videos", "schemas.wan:adapt_wan"),
+    "chat": Family("chat", "chat_queue", "pipelines.chat:ChatPipeline", "consumers.chat", "schemas.chat:adapt_chat"),
 }

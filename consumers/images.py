@@ -29,7 +29,8 @@ def perform(runtime, job: Job | None, payload: dict) -> dict:
         runtime.pipeline.check_inputs(request, reference)
         progress.set_stage("generating")
         started = time.monotonic()
-        images = runtime.pipeline.run(request, reference, on_step=progress.on_step)
+        with runtime.hold_gpu(request, job):
+            images = runtime.pipeline.run(request, reference, on_step=progress.on_step)
         generation_time = round(time.monotonic() - started, 3)
         progress.set_stage("uploading")
         stored = runtime.uploader.store_images(request.user_id, request.job_id, images)

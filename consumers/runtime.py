@@ -4,9 +4,10 @@ rq calls job functions by name (`consumers.tasks.perform`); they find the proces
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from redis import Redis
 from rq.job import Job
@@ -31,14 +32,17 @@ class Runtime:
     uploader: Any
     worker_id: str  # stable name reported in callbacks, e.g. sdxl-gpu0-host-a
     rule: ContentRule = field(init=False)
-    # memory.py's admission gate; True means "take the next job now"
-    gate: Callable[[], bool] | None = None
+    gpu: Any = None  # consumers.gpu.GpuGate, set once the pipeline is resident
 
     def __post_init__(self) -> None:
         self.rule = ContentRule.from_settings(self.settings)
 
     def may_take_next(self) -> bool:
-        return self.gate() if self.gate is not None else True
+        return self.gpu.may_take_next() if self.gpu is not None else True
+
+    def hold_gpu(self, request, job: Job | None):
+        """Context around a job's GPU work: its VRAM reservation (a no-op without admission)."""
+        return self.gpu.hold(request, job) if self.gpu is not None else contextlib.nullcontext()
 
     def report_failure(self, job: Job, exc: BaseException | None) -> None:
         """Tell the caller a job ended failed or cancelled. Never raises: the job's state in rq stands."""

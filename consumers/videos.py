@@ -33,7 +33,8 @@ def perform(runtime, job: Job | None, payload: dict) -> dict:
         runtime.pipeline.check_inputs(request, refs)
         progress.set_stage("generating")
         started = time.monotonic()
-        frames = runtime.pipeline.run(request, refs, on_step=progress.on_step)
+        with runtime.hold_gpu(request, job):
+            frames = runtime.pipeline.run(request, refs, on_step=progress.on_step)
         generation_time = round(time.monotonic() - started, 3)
         progress.set_stage("uploading")
         if request.is_image:

@@ -35,6 +35,7 @@ class GenqWorker(SimpleWorker):
         )
         self.runtime = runtime
         self.intake = intake
+        self.exit_code = 0
         self._beat_lock = threading.Lock()
         self._beating: threading.Event | None = None
         self.push_exc_handler(self._on_exception)
@@ -49,6 +50,7 @@ class GenqWorker(SimpleWorker):
         while not self._stop_requested:
             try:
                 self.heartbeat()
+                self._publish(None)
                 if self.should_run_maintenance_tasks:
                     self.run_maintenance_tasks()
                 result = Queue.dequeue_any(self._ordered_queues, None, connection=self.connection,
@@ -111,6 +113,7 @@ class GenqWorker(SimpleWorker):
                     return
                 try:
                     self.maintain_heartbeats(job)
+                    self._publish(job.id, job.get_meta(refresh=True).get("progress"))
                     self.runtime.uploader.deliver_outbox()
                 except Exception:  # a missed beat is tolerated; the next one may succeed
                     log.warning("heartbeat failed", exc_info=True)
@@ -123,6 +126,26 @@ class GenqWorker(SimpleWorker):
     def handle_execution_ended(self, job, queue, timeout):
         self._stop_beating()  # no heartbeat may land after the job has left the started registry
         return super().handle_execution_ended(job, queue, timeout)
+
+    def _publish(self, job_id: str | None, progress=None) -> None:
+        if self.runtime.gpu is not None:
+            self.runtime.gpu.publish(self.name, job_id, progress)
+
+    def teardown(self):
+        if self.runtime.gpu is not None:
+            self.runtime.gpu.close(self.name)
+        super().teardown()
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry):
+        self._record_oom(None)
+        return super().handle_job_success(job, queue, started_job_registry)
+
+    def _record_oom(self, exc: BaseException | None) -> None:
+        if self.runtime.gpu is not None and self.runtime.gpu.record_outcome(exc):
+            # OOMs keep coming: something on this card is off. Exit non-zero; the orchestrator restarts us.
+            log.error("repeated CUDA out-of-memory errors: stopping this daemon so it is restarted")
+            self._stop_requested = True
+            self.exit_code = 3
 
     # --- failure ---------------------------------------------------------------------------
     def _on_exception(self, job: Job, exc_type, exc_value, tb) -> bool:
@@ -149,6 +172,7 @@ class GenqWorker(SimpleWorker):
             self.runtime.report_failure(job, exc)
             return
         final = not job.should_retry
+        self._record_oom(exc)
         if exc is not None:
             job.meta.setdefault("error", describe(exc))
             job.save_meta()

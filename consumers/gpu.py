@@ -1,0 +1,160 @@
+"""The daemon's side of GPU memory admission (memory.py): reserve a job's peak before taking it,
+hold the reservation while it runs, move idle weights to CPU when another daemon's job needs room,
+and publish what this daemon holds for `python -m orchestrator status`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import memory
+from schemas.errors import PayloadError
+from schemas.payload import decode
+
+from .cancel import CancelCheck
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 0.5  # between two reservation attempts while a job waits for memory
+
+
+class NeverFits(PayloadError):
+    reason = "never_fits"
+
+
+class GpuGate:
+    def __init__(self, runtime, admission: memory.Admission | None):
+        self.runtime = runtime
+        self.admission = admission
+        self.family = runtime.family.name
+        self.weights = memory.resident_bytes(self.family, runtime.settings)
+        self.on_cpu = False  # weights moved to CPU to make room for another daemon's job
+        self.reserved: set[str] = set()
+        self.oom = memory.OomPolicy()
+        if admission is not None:
+            admission.set_resident(self.weights, self._offloadable())
+            self._heartbeat = admission.start_heartbeat()
+
+    def _offloadable(self) -> int:
+        return self.weights if hasattr(self.runtime.pipeline, "move_to") else 0
+
+    # --- before taking a raw job ----------------------------------------------------------
+    def may_take_next(self) -> bool:
+        """True when the job at the head of the raw list may be taken now (it fits, or is invalid and
+        will fail without touching the GPU). False leaves it queued for this or another GPU."""
+        if self.admission is None:
+            return True
+        raw = self.runtime.redis.lindex(self.runtime.family.raw_queue, 0)
+        if raw is None:
+            self.admission.withdraw()
+            self._offload_if_asked()
+            return True
+        request = self._request(raw)
+        if request is None or self._never_fits(request):
+            return True
+        decision = self._reserve(request)
+        if decision:
+            return True
+        self.admission.withdraw() if decision.impossible else self._offload_if_asked()
+        return False
+
+    def _request(self, raw: bytes) -> Any:
+        try:
+            return self.runtime.family.adapt(decode(raw, self.runtime.settings.max_payload_bytes))
+        except ValueError:
+            return None
+
+    def _never_fits(self, request) -> str | None:
+        return memory.never_fits_message(request, self.runtime.settings,
+                                         memory.load_fleet(self.runtime.redis, self.family))
+
+    def _reserve(self, request) -> memory.Decision | bool:
+        if request.job_id in self.reserved:
+            return True
+        decision = self.admission.try_reserve(request.job_id, memory.job_peak_bytes(request),
+                                              load_bytes=self.weights if self.on_cpu else 0)
+        if decision:
+            self.reserved.add(request.job_id)
+        return decision
+
+    # --- while a job runs -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self, request, job=None):
+        """Around the GPU work of one job: wait for its reservation (taken before the job left the
+        queue, or now for jobs that came through rq), bring weights back if they were moved to CPU."""
+        if self.admission is None:
+            yield
+            return
+        message = self._never_fits(request)
+        if message:
+            raise NeverFits("", message)
+        check_cancel = CancelCheck(self.runtime.redis, request.job_id)
+        waited = time.monotonic()
+        while not self._reserve(request):
+            check_cancel()
+            time.sleep(WAIT_S)  # polling the admission document: other processes free memory
+        waited = time.monotonic() - waited
+        reload_s = self._bring_back() if self.on_cpu else 0.0
+        if job is not None:
+            job.meta.update(vram_wait_s=round(waited, 3), weights_reload_s=round(reload_s, 3))
+            job.save_meta()
+        try:
+            yield
+        finally:
+            self.reserved.discard(request.job_id)
+            self.admission.release(request.job_id)
+
+    def _bring_back(self) -> float:
+        started = time.monotonic()
+        self.runtime.pipeline.move_to(self.runtime.pipeline.device)
+        self.on_cpu = False
+        self.admission.set_resident(self.weights, self._offloadable())
+        cost = time.monotonic() - started
+        log.info("moved %s weights back to the GPU in %.2fs", self.family, cost)
+        return cost
+
+    def _offload_if_asked(self) -> None:
+        if self.on_cpu or not self._offloadable() or not self.admission.should_offload():
+            return
+        started = time.monotonic()
+        self.runtime.pipeline.move_to("cpu")
+        self.on_cpu = True
+        self.admission.set_resident(table_overhead(), 0)
+        log.info("moved idle %s weights to CPU in %.2fs to make room for another daemon's job",
+                 self.family, time.monotonic() - started)
+
+    # --- out of memory --------------------------------------------------------------------
+    def record_outcome(self, exc: BaseException | None) -> bool:
+        """True when OOMs keep coming: the daemon should exit so the orchestrator restarts it."""
+        if exc is not None and memory.is_oom(exc):
+            import torch
+
+            torch.cuda.empty_cache()  # give the failed job's blocks back before the next job
+        return self.oom.record(exc)
+
+    # --- status ---------------------------------------------------------------------------
+    def publish(self, worker_name: str, current_job: str | None, progress: Any = None) -> None:
+        settings = self.runtime.settings
+        key = memory.DAEMON_KEY.format(worker=worker_name)
+        fields = {"family": self.family, "gpu": settings.gpu_index, "host": settings.worker_host,
+                  "resident_bytes": 0 if self.on_cpu else self.weights,
+                  "models": json.dumps(sorted(memory.resident_parts(self.family, settings))),
+                  "current_job": current_job or "", "progress": "" if progress is None else progress,
+                  "updated_at": time.time()}
+        with self.runtime.redis.pipeline() as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, 120)
+            pipe.execute()
+
+    def close(self, worker_name: str) -> None:
+        self.runtime.redis.delete(memory.DAEMON_KEY.format(worker=worker_name))
+        if self.admission is not None:
+            self._heartbeat.set()
+            self.admission.leave()
+
+
+def table_overhead() -> int:
+    return memory.table()["process_overhead_bytes"]
