@@ -246,17 +246,20 @@ class FastDecoder:
         out = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=dev)
         done = torch.zeros(batch, dtype=torch.bool, device=dev)
         next_pos = positions[:, -1:] + 1
+        # Positions live on the GPU and advance in place: a host-to-device copy per token would make
+        # the host wait for the GPU every step instead of queueing the next step ahead.
+        cache_pos = torch.tensor([prompt_len], device=dev)
         for i in range(longest):
             out[:, i] = torch.where(done, pad_token_id, token)
             done |= torch.isin(token, eos) | (i + 1 >= limits)
             if i + 1 == longest or ((i + 1) % self.sync_every == 0 and bool(done.all())):
                 break
-            cache_pos = prompt_len + i
-            mask[:, cache_pos] = 1
+            mask[:, prompt_len + i] = 1
             torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(token[:, None], next_pos, torch.tensor([cache_pos], device=dev), mask, cache)
+            logits = self._step(token[:, None], next_pos, cache_pos, mask, cache)
             token = sampler(logits)
             next_pos = next_pos + 1
+            cache_pos = cache_pos + 1
         return [self._trim(row, eos_token_ids, pad_token_id, int(n)) for row, n in zip(out.tolist(), limits.tolist())]
 
     @staticmethod
