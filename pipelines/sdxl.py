@@ -18,8 +18,9 @@ What an operator provides (offline: nothing is fetched from a hub):
 
 Behaviour worth knowing:
 
-* Image i is made with its own ``torch.Generator`` (on the CPU, so a seed gives the same noise on any
-  device) seeded with ``request.seeds[i]``; all images run in one batched call.
+* Image i is made with its own ``torch.Generator`` seeded with ``request.seeds[i]``, on the CPU so that a
+  seed's starting noise does not depend on the GPU (the image still depends on device and precision); all
+  images run in one batched call, and image i equals a one-image run of its seed.
 * ``scheduler``: "default" keeps the checkpoint's scheduler; the others are built from its config. Every
   request gets fresh scheduler and pipeline objects around the shared weights, so nothing leaks between
   requests.
