@@ -28,8 +28,13 @@ def pick_device(settings: Settings) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("GENQ_DEVICE=cuda but torch sees no CUDA device (driver, CUDA_VISIBLE_DEVICES, CPU-only torch?)")
-    if settings.gpu_index >= torch.cuda.device_count():
-        raise RuntimeError(f"GENQ_GPU_INDEX={settings.gpu_index} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    count = torch.cuda.device_count()
+    if count == 1:
+        # The orchestrator pins each daemon with CUDA_VISIBLE_DEVICES=<n>: the one visible card is
+        # cuda:0 whatever its physical index (GENQ_GPU_INDEX, used for admission and status).
+        return torch.device("cuda", 0)
+    if settings.gpu_index >= count:
+        raise RuntimeError(f"GENQ_GPU_INDEX={settings.gpu_index} but only {count} CUDA device(s) are visible")
     return torch.device("cuda", settings.gpu_index)
 
 

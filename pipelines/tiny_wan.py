@@ -18,7 +18,7 @@ _PIECES = ("\u2581",) + tuple("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
 _TRANSFORMER = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
     text_dim=TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,  # WAN's own value: positions cover the real sizes (832x480 -> 52 patches)
 )
 
 
