@@ -68,8 +68,15 @@ class GpuGate:
             return None
 
     def _never_fits(self, request) -> str | None:
-        return memory.never_fits_message(request, self.runtime.settings,
-                                         memory.load_fleet(self.runtime.redis, self.family))
+        # Without an orchestrator's published plan, this card is the only one we know of.
+        fleet = memory.load_fleet(self.runtime.redis, self.family) or [self._this_card()]
+        return memory.never_fits_message(request, self.runtime.settings, fleet)
+
+    def _this_card(self) -> memory.GpuPlan:
+        adm = self.admission
+        card = memory.GpuInfo(self.runtime.settings.gpu_index, "this card",
+                              adm.capacity + memory.table()["card_reserve_bytes"])
+        return memory.GpuPlan(card, (self.family,))
 
     def _reserve(self, request) -> memory.Decision | bool:
         if request.job_id in self.reserved:

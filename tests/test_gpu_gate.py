@@ -13,15 +13,18 @@ from consumers.gpu import GpuGate, NeverFits
 from schemas.settings import Settings
 from tests.integration import encode, load_payload
 
-GIB = 1024**3
+SETTINGS = Settings(SDXL_MODEL_PATH="tiny", WAN_VACE_MODEL_PATH="tiny", QWEN_INSTRUCT_MODEL_PATH="tiny",
+                    GENQ_HOST="testhost")
 
 
-def gate(r, family: str, capacity_gib: float, holder: str) -> GpuGate:
-    settings = Settings(SDXL_MODEL_PATH="tiny", WAN_VACE_MODEL_PATH="tiny", QWEN_INSTRUCT_MODEL_PATH="tiny",
-                        GENQ_HOST="testhost")
-    runtime = SimpleNamespace(settings=settings, redis=r, family=FAMILIES[family], pipeline=object())
-    admission = memory.Admission(r, "testhost", 0, int(capacity_gib * GIB), holder, family=family)
+def gate(r, family: str, capacity: int, holder: str) -> GpuGate:
+    runtime = SimpleNamespace(settings=SETTINGS, redis=r, family=FAMILIES[family], pipeline=object())
+    admission = memory.Admission(r, "testhost", 0, capacity, holder, family=family)
     return GpuGate(runtime, admission)
+
+
+def peak(family: str, job: dict) -> int:
+    return memory.job_peak_bytes(FAMILIES[family].adapt(job))
 
 
 def sdxl_job(images: int) -> dict:
@@ -34,10 +37,13 @@ def wan_job() -> dict:
 
 
 def test_a_job_that_does_not_fit_waits_in_its_queue_until_memory_is_released(r):
-    sdxl, wan = gate(r, "sdxl", 40, "sdxl-holder"), gate(r, "wan", 40, "wan-holder")
     big = sdxl_job(6)
+    # room for both daemons' weights and the big image job, but only half of the video's peak beside it
+    capacity = (memory.resident_bytes("sdxl", SETTINGS) + memory.resident_bytes("wan", SETTINGS)
+                + peak("sdxl", big) + peak("wan", wan_job()) // 2)
+    sdxl, wan = gate(r, "sdxl", capacity, "sdxl-holder"), gate(r, "wan", capacity, "wan-holder")
     r.rpush("sdxl_queue", encode(big, 0))
-    assert sdxl.may_take_next()  # 6 x 1024^2 fits on an empty 40 GB card
+    assert sdxl.may_take_next()  # 6 x 1024^2 fits on the empty card
     request = FAMILIES["sdxl"].adapt(json.loads(encode(big, 0)))
     with sdxl.hold(request):
         r.rpush("wan_queue", encode(wan_job(), 1))
@@ -47,12 +53,21 @@ def test_a_job_that_does_not_fit_waits_in_its_queue_until_memory_is_released(r):
 
 
 def test_a_job_no_configured_gpu_could_hold_is_rejected_at_once(r):
-    sdxl = gate(r, "sdxl", 24, "sdxl-holder")
-    plan = memory.GpuPlan(memory.GpuInfo(0, "simulated 24GB", 24 * GIB), ("sdxl",))
+    small = peak("sdxl", sdxl_job(6)) // 2  # a card half the size of the job's peak
+    sdxl = gate(r, "sdxl", small, "sdxl-holder")
+    plan = memory.GpuPlan(memory.GpuInfo(0, "simulated small card", small), ("sdxl",))
     r.set(memory.PLAN_KEY.format(host="testhost"), json.dumps([plan.to_json()]))
     request = FAMILIES["sdxl"].adapt(sdxl_job(6))
     r.rpush("sdxl_queue", encode(sdxl_job(6), 0))
     assert sdxl.may_take_next()  # taken at once, so the caller hears back instead of waiting forever
     with pytest.raises(NeverFits):
         with sdxl.hold(request):
+            pass
+
+
+def test_without_a_published_plan_this_card_decides_what_never_fits(r):
+    small = peak("sdxl", sdxl_job(6)) // 2
+    sdxl = gate(r, "sdxl", small, "sdxl-holder")
+    with pytest.raises(NeverFits, match="ask for fewer images"):
+        with sdxl.hold(FAMILIES["sdxl"].adapt(sdxl_job(6))):
             pass
