@@ -206,6 +206,16 @@ class ChatPipeline:
                 lo = mid + 1
         return PreparedPrompt(request, loaded, best, hi)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the served models run (the one device picked at setup)."""
+        return next(iter(self._models.values())).device
+
+    def move_to(self, device) -> None:
+        """Idle weights to CPU and back (memory admission makes room for another daemon's job)."""
+        for loaded in self._models.values():
+            loaded.model.to(device)
+
     def check_inputs(self, request: ChatRequest) -> None:
         """Refuse what cannot run here before any GPU work: an unserved model, an oversized prompt."""
         self.prepare(request)

@@ -161,6 +161,11 @@ class SdxlPipeline:
 
     # --- requests -----------------------------------------------------------------------------
 
+    def move_to(self, device) -> None:
+        """Idle weights to CPU and back (memory admission makes room for another daemon's job).
+        img2img shares txt2img's modules, so moving one moves both."""
+        self.txt2img.to(device)
+
     def check_inputs(self, request: SdxlRequest, reference: Image.Image | None = None) -> None:
         if len(request.seeds) != request.num_images:
             raise PayloadError("seeds", f"need one seed per image ({request.num_images}), got {len(request.seeds)}")

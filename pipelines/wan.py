@@ -193,6 +193,15 @@ class WanVideoPipeline:
         return [p for p in (self._t2v, self._vace) if p is not None]
 
     # --- running -----------------------------------------------------------------------------
+    def move_to(self, device) -> None:
+        """Idle weights to CPU and back (memory admission makes room for another daemon's job)."""
+        pipes = self._pipelines()
+        for pipe in pipes:
+            pipe.transformer.to(device)
+        pipes[0].vae.to(device)
+        if not self.wan.text_encoder_offload:
+            pipes[0].text_encoder.to(device)
+
     def check_inputs(self, request: WanRequest, refs: dict[str, PIL.Image.Image]) -> None:
         """Refuse what this daemon cannot honour, before any GPU work."""
         if not self._pipelines():

@@ -17,10 +17,20 @@ SETTINGS = Settings(SDXL_MODEL_PATH="tiny", WAN_VACE_MODEL_PATH="tiny", QWEN_INS
                     GENQ_HOST="testhost")
 
 
-def gate(r, family: str, capacity: int, holder: str) -> GpuGate:
-    runtime = SimpleNamespace(settings=SETTINGS, redis=r, family=FAMILIES[family], pipeline=object())
-    admission = memory.Admission(r, "testhost", 0, capacity, holder, family=family)
-    return GpuGate(runtime, admission)
+OPEN: list[GpuGate] = []
+
+
+@pytest.fixture(autouse=True)
+def close_gates():
+    yield
+    while OPEN:  # stop their heartbeat threads, which would otherwise re-register after the next flush
+        OPEN.pop().close("test-worker")
+
+
+def gate(r, family: str, capacity: int, holder: str, pipeline=None, settings=SETTINGS) -> GpuGate:
+    runtime = SimpleNamespace(settings=settings, redis=r, family=FAMILIES[family], pipeline=pipeline or object())
+    OPEN.append(GpuGate(runtime, memory.Admission(r, "testhost", 0, capacity, holder, family=family)))
+    return OPEN[-1]
 
 
 def peak(family: str, job: dict) -> int:
@@ -71,3 +81,31 @@ def test_without_a_published_plan_this_card_decides_what_never_fits(r):
     with pytest.raises(NeverFits, match="ask for fewer images"):
         with sdxl.hold(FAMILIES["sdxl"].adapt(sdxl_job(6))):
             pass
+
+
+def test_an_idle_daemon_moves_its_weights_to_cpu_when_another_job_needs_room(r, tiny_cache):
+    """The 48 GB case: a waiting job asks the idle daemon to make room; the weights go to CPU and
+    come back (with the cost recorded on the job) when the idle daemon's own next job is admitted."""
+    from pipelines.sdxl import SdxlPipeline
+
+    settings = Settings(SDXL_MODEL_PATH="tiny", GENQ_TINY_CACHE=str(tiny_cache), GENQ_DEVICE="cpu",
+                        GENQ_HOST="testhost")
+    pipeline = SdxlPipeline(settings)
+    pipeline.setup()
+    weights = memory.resident_bytes("sdxl", settings)
+    video = wan_job()
+    capacity = weights + memory.resident_bytes("wan", SETTINGS) + peak("wan", video) - 1  # one byte short
+    idle = gate(r, "sdxl", capacity, "sdxl-holder", pipeline=pipeline, settings=settings)
+    wan = gate(r, "wan", capacity, "wan-holder")
+    r.rpush("wan_queue", encode(video, 0))
+    assert not wan.may_take_next()  # asks for room
+    assert idle.may_take_next()  # the idle daemon (empty queue) answers by moving its weights out
+    assert idle.on_cpu and next(pipeline.txt2img.unet.parameters()).device.type == "cpu"
+    assert wan.may_take_next()
+    job = SimpleNamespace(meta={}, save_meta=lambda: None)
+    request = FAMILIES["sdxl"].adapt(sdxl_job(1))
+    wan.reserved.clear()
+    wan.admission.release(json.loads(encode(video, 0))["id"])
+    with idle.hold(request, job):
+        assert not idle.on_cpu
+    assert job.meta["weights_reload_s"] >= 0
