@@ -69,7 +69,7 @@ class GenqWorker(SimpleWorker):
                 elif burst:
                     return None
                 backoff = 1.0
-            except redis.exceptions.ConnectionError as exc:
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 # Redis restarting: keep the model resident and wait for it.
                 log.error("redis unavailable (%s); retrying in %.0fs", exc, backoff)
                 time.sleep(backoff)

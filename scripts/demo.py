@@ -111,7 +111,10 @@ def main() -> int:
         print(f"pushed: sdxl_queue={r.llen('sdxl_queue')} wan_queue={r.llen('wan_queue')} "
               f"chat_queue={r.llen('chat_queue')}")
 
-        got = r.blpop([reply_key], timeout=TIMEOUT_S)
+        got = None
+        deadline = time.monotonic() + TIMEOUT_S
+        while got is None and time.monotonic() < deadline:
+            got = r.blpop([reply_key], timeout=2)  # short calls: redis-py reads with a 5 s timeout
         if got is None:
             raise SystemExit("no chat reply: see outputs/demo/chat.log")
         reply = json.loads(got[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def encode(job: dict, encoding: int) -> str:
     """The three list encodings of contract section 1."""
     text = json.dumps(job)
     return [text, json.dumps([text]), json.dumps([job])][encoding]
+
+
+def blpop_wait(r, key: str, timeout: float) -> bytes | None:
+    """BLPOP in short calls: redis-py 8 reads with a 5 s socket timeout by default."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = r.blpop([key], timeout=2)
+        if got is not None:
+            return got[1]
+    return None
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from rq.serializers import JSONSerializer
 
 from consumers.cancel import request_cancel
 from tests.conftest import PAYLOADS
-from tests.integration import encode, load_payload, stack  # noqa: F401
+from tests.integration import blpop_wait, encode, load_payload, stack  # noqa: F401
 
 
 def chat_job(job_type: str = "chat", deadline_s: float = 600, **request) -> dict:
@@ -22,10 +22,9 @@ def chat_job(job_type: str = "chat", deadline_s: float = 600, **request) -> dict
 
 
 def reply(stack, job: dict, timeout: float = 300) -> dict:
-    got = stack.r.blpop([job["reply_key"]], timeout=timeout)
+    got = blpop_wait(stack.r, job["reply_key"], timeout)
     assert got is not None, "no reply"
-    assert 0 < stack.r.ttl(job["reply_key"]) or stack.r.exists(job["reply_key"]) == 0
-    return json.loads(got[1])
+    return json.loads(got)
 
 
 def test_chat_and_enhance_answers_arrive_on_the_reply_key(stack):
