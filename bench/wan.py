@@ -115,7 +115,7 @@ def main() -> None:
     rep.stage("memory_baseline_1frame", lambda: memory_1frame("baseline"), optional_cost_s=30)
 
     opts = accel.AccelOptions(enabled=True, compile=dev == "cuda", compile_mode=args.compile_mode,
-                              cache_dir=args.cache_dir)
+                              cache_dir=args.cache_dir, wan_vae_bf16=True)
     rep.stage("accel_levers", lambda: accel.accelerate_wan(pipe, opts))
     rep.stage("accel_per_step", lambda: per_step(steps_timed))
 
