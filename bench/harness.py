@@ -112,22 +112,22 @@ def memory(device: str) -> dict:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3)}
 
 
+def _wall(fn: Callable[[], Any], device: str, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def timed(fn: Callable[[], Any], device: str, runs: int, warmup: int = 1, **extra) -> dict:
     """Warm-up run(s) first (compilation, allocator growth), then `runs` synchronised wall-clock timings."""
-    cold = []
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        cold.append(time.perf_counter() - t0)
+    cold = _wall(fn, device, warmup)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    times = _wall(fn, device, runs)
     return {"warmup_s": [round(t, 4) for t in cold], "times_s": [round(t, 4) for t in times],
             "min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4), **memory(device), **extra}
 
