@@ -1,15 +1,12 @@
 """WAN jobs (video_fast, video_high, image_fast, image_high): check, fetch, run, store, report."""
 from __future__ import annotations
 
-import time
-
 from rq.job import Job
 
 from schemas.wan import adapt_wan
 
 from . import reporting
-from .enhance import apply_enhancement
-from .progress import Progress
+from .generation import generate
 
 report_failure = reporting.report_failure
 
@@ -18,31 +15,16 @@ SLOT_FIELDS = {"image": "config.image", "first_frame": "config.first_frame", "la
 
 
 def perform(runtime, job: Job | None, payload: dict) -> dict:
-    reporting.check_decodable(payload)
-    request = adapt_wan(payload)
-    runtime.rule.check(request.prompt, "prompt")
-    progress = Progress(runtime, job, request.job_id)
-    try:
-        progress.check_cancel(force=True)
-        request, prompts = apply_enhancement(runtime, job, request, progress)
-        refs = {}
-        if request.references:
-            progress.set_stage("fetching")
-            refs = {slot: runtime.uploader.fetch_reference(ref, SLOT_FIELDS[slot])
-                    for slot, ref in request.references.items()}
-        runtime.pipeline.check_inputs(request, refs)
-        progress.set_stage("generating")
-        started = time.monotonic()
-        with runtime.hold_gpu(request, job):
-            frames = runtime.pipeline.run(request, refs, on_step=progress.on_step)
-        generation_time = round(time.monotonic() - started, 3)
-        progress.set_stage("uploading")
+    def fetch(request):
+        return {slot: runtime.uploader.fetch_reference(ref, SLOT_FIELDS[slot])
+                for slot, ref in request.references.items()}
+
+    def store(request, frames):
         if request.is_image:
-            stored, kind, fmt = runtime.uploader.store_images(request.user_id, request.job_id, frames[:1])[0], "image", "png"
-        else:
-            stored, kind, fmt = runtime.uploader.store_video(request.user_id, request.job_id, frames, request.fps), "video", "mp4"
-    finally:
-        progress.close()
+            return runtime.uploader.store_images(request.user_id, request.job_id, frames[:1])[0], "image", "png"
+        return runtime.uploader.store_video(request.user_id, request.job_id, frames, request.fps), "video", "mp4"
+
+    request, (stored, kind, fmt), timing = generate(runtime, job, payload, adapt_wan, fetch, store)
     duration = round(request.num_frames / request.fps, 3)
     asset = {"type": kind, "url": stored.url, "thumbnail_url": stored.thumbnail_url,
              "metadata": {"width": stored.width, "height": stored.height, "format": fmt, "seed": request.seed,
@@ -52,7 +34,7 @@ def perform(runtime, job: Job | None, payload: dict) -> dict:
                           "sampler": request.sampler, "shift": request.shift,
                           "reference_mode": request.reference_mode}}
     metadata = {"seed": request.seed, "frame_num": request.num_frames, "duration": duration,
-                "generation_time": generation_time, "job_type": request.job_type, "steps": request.steps,
-                "guidance_scale": request.guidance_scale, "reference_mode": request.reference_mode,
-                "negative_prompt_used": bool(request.negative_prompt.strip()), **prompts}
+                "job_type": request.job_type, "steps": request.steps, "guidance_scale": request.guidance_scale,
+                "reference_mode": request.reference_mode,
+                "negative_prompt_used": bool(request.negative_prompt.strip()), **timing}
     return reporting.completed(runtime, request.job_id, [asset], metadata)

@@ -62,6 +62,7 @@ from schemas.limits import LIMITS
 from schemas.sdxl import SdxlRequest
 from schemas.settings import Settings
 
+from .accel import AccelOptions, accelerate_sdxl
 from .loading import TINY, pick_device, pick_dtype, resolve_model_path
 from .tiny_sdxl import build_tiny_sdxl
 
@@ -113,6 +114,8 @@ class SdxlPipeline:
         self.txt2img = txt2img
         self.img2img = StableDiffusionXLImg2ImgPipeline(**txt2img.components, add_watermarker=False,
                                                         **_pipeline_options(txt2img))
+        # GPU speed-ups behind GENQ_ACCEL / GENQ_COMPILE (docs/PERFORMANCE.md); a no-op when unset
+        log.info("sdxl accel: %s", accelerate_sdxl(self.txt2img, AccelOptions.from_env()) or "off")
         self._warm_up()
 
     def _load(self, path: Path) -> StableDiffusionXLPipeline:

@@ -24,6 +24,7 @@ from schemas.errors import PayloadError
 from schemas.settings import Settings
 from schemas.wan import REFERENCE_MODES, REFERENCE_SLOTS, ReferenceMode, WanRequest
 
+from .accel import AccelOptions, accelerate_wan
 from .loading import pick_device, pick_dtype, resolve_model_path
 from .tiny_wan import build_tiny_wan, build_tiny_wan_vace
 
@@ -170,8 +171,10 @@ class WanVideoPipeline:
                                          **shared)
         shared["vae"].to(self.device)
         shared["text_encoder"].to("cpu" if self.wan.text_encoder_offload else self.device)
+        accel = AccelOptions.from_env()  # GPU speed-ups behind GENQ_ACCEL (docs/PERFORMANCE.md)
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(disable=True)
+            accelerate_wan(pipe, accel)
         log.info("wan ready on %s (%s): t2v=%s vace=%s modes=%s text_encoder_offload=%s", self.device,
                  self.dtype, bool(t2v), bool(vace), ",".join(self.wan.modes_served), self.wan.text_encoder_offload)
 
