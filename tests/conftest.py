@@ -88,7 +88,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 def daemon_env(base: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "SUPABASE_", "JOB_CALLBACK"))}
-    env.update({"GENQ_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update({"GENQ_DEVICE": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
     env.update(base)
     return env
 

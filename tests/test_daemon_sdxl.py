@@ -43,12 +43,18 @@ def assert_completed_images(stack, job: dict, width: int, height: int, seeds: li
 
 
 def test_every_example_payload_in_every_encoding(stack):
+    """Also: the seeds, sizes and counts asked for are produced, and jobs enqueued natively with rq run."""
     jobs = []
     for name, size in (("01_sdxl_fast_1_image.json", "128x128"), ("02_sdxl_high_6_images_negative_seed.json", "128x72")):
         for encoding in range(3):
             job = load_payload(name, config__resolution=size, config__num_inference_steps=2)
             stack.r.rpush("sdxl_queue", encode(job, encoding))
             jobs.append(job)
+    asked = image_job(config__num_images=3, config__seed=4242, config__resolution="96x160")
+    stack.r.rpush("sdxl_queue", encode(asked, 0))
+    native = image_job(config__seed=5)
+    Queue("sdxl_queue", connection=stack.r, serializer=JSONSerializer).enqueue("consumers.tasks.perform", native,
+                                                                                   job_id=native["id"])
     stack.run_burst("sdxl")
     for job in jobs:
         width, height = map(int, job["config"]["resolution"].split("x"))
@@ -58,16 +64,11 @@ def test_every_example_payload_in_every_encoding(stack):
             seed = stack.final_callback(job["id"])["metadata"]["seed"]
         body = assert_completed_images(stack, job, width, height, [seed + i for i in range(n)])
         assert body["metadata"]["negative_prompt_used"] is True
+    assert_completed_images(stack, asked, 96, 160, [4242, 4243, 4244])
+    assert_completed_images(stack, native, 128, 96, [5])
     finished = FinishedJobRegistry("sdxl_queue", connection=stack.r)
-    assert {j["id"] for j in jobs} <= set(finished.get_job_ids())
+    assert {j["id"] for j in jobs + [asked, native]} <= set(finished.get_job_ids())
     assert stack.r.llen("sdxl_queue") == 0
-
-
-def test_seeds_sizes_and_counts_asked_for_are_produced(stack):
-    job = image_job(config__num_images=3, config__seed=4242, config__resolution="96x160")
-    stack.r.rpush("sdxl_queue", encode(job, 0))
-    stack.run_burst("sdxl")
-    assert_completed_images(stack, job, 96, 160, [4242, 4243, 4244])
 
 
 def reference_png(color: tuple[int, int, int]) -> bytes:
@@ -126,13 +127,6 @@ def test_bad_payloads_fail_with_a_signed_callback_and_the_daemon_carries_on(stac
     assert "not JSON" in job.latest_result().exc_string
     # final errors are not retried: one attempt each
     assert Job.fetch(wrong_count["id"], connection=stack.r, serializer=JSONSerializer).retries_left == 0
-
-
-def test_jobs_enqueued_natively_with_rq_run_too(stack):
-    job = image_job(config__seed=5)
-    Queue("sdxl_queue", connection=stack.r, serializer=JSONSerializer).enqueue("consumers.tasks.perform", job)
-    stack.run_burst("sdxl")
-    assert_completed_images(stack, job, 128, 96, [5])
 
 
 def test_kill9_mid_job_then_restart_completes_with_no_lost_and_no_extra_files(stack):
