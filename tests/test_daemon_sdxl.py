@@ -16,6 +16,9 @@ from consumers.cancel import request_cancel
 from tests.integration import BUCKET, encode, load_payload, png_size, stack  # noqa: F401
 
 SMALL = {"config__resolution": "128x96", "config__num_inference_steps": 3}
+# Long enough that a test reacting to the first progress callback still finds the job running, on a
+# fast idle machine too (progress callbacks every 0.5 s in these tests; this runs for seconds).
+LONG = {"config__resolution": "192x192", "config__num_inference_steps": 100}
 
 
 def image_job(**changes) -> dict:
@@ -130,7 +133,7 @@ def test_bad_payloads_fail_with_a_signed_callback_and_the_daemon_carries_on(stac
 
 
 def test_kill9_mid_job_then_restart_completes_with_no_lost_and_no_extra_files(stack):
-    job = image_job(config__num_images=3, config__seed=99, config__num_inference_steps=40)
+    job = image_job(config__num_images=3, config__seed=99, **LONG)
     stack.r.rpush("sdxl_queue", encode(job, 1))
     first = stack.daemon("sdxl")
     stack.receiver.wait_for(lambda b: b["job_id"] == job["id"] and b["status"] == "processing"
@@ -138,7 +141,7 @@ def test_kill9_mid_job_then_restart_completes_with_no_lost_and_no_extra_files(st
     first.kill9()
     assert stack.r.llen("sdxl_queue") == 0  # the job is no longer queued: it lives in rq's started registry
     second = stack.daemon("sdxl")
-    assert_completed_images(stack, job, 128, 96, [99, 100, 101])
+    assert_completed_images(stack, job, 192, 192, [99, 100, 101])
     second.terminate()
     assert second.wait(60) == 0
     assert stack.r.llen("sdxl_queue") == 0
@@ -160,18 +163,18 @@ def test_storage_and_callback_outages_are_ridden_out(stack):
 
 
 def test_sigterm_finishes_the_current_job_then_exits(stack):
-    job = image_job(config__seed=8, config__num_inference_steps=30)
+    job = image_job(config__seed=8, **LONG)
     stack.r.rpush("sdxl_queue", encode(job, 0))
     daemon = stack.daemon("sdxl")
     stack.receiver.wait_for(lambda b: b["job_id"] == job["id"] and b["status"] == "processing", timeout=300)
     daemon.terminate()
     assert daemon.wait(300) == 0
-    assert_completed_images(stack, job, 128, 96, [8])
+    assert_completed_images(stack, job, 192, 192, [8])
 
 
 def test_cancelling_a_queued_and_a_running_job(stack):
     queued = image_job(config__seed=1)
-    running = image_job(config__seed=2, config__num_inference_steps=100)
+    running = image_job(config__seed=2, **LONG)
     after = image_job(config__seed=3)
     request_cancel(stack.r, queued["id"])
     stack.r.rpush("sdxl_queue", encode(queued, 0), encode(running, 0), encode(after, 0))
@@ -195,7 +198,7 @@ def test_cancelling_a_queued_and_a_running_job(stack):
 
 
 def test_progress_callbacks_are_ordered_throttled_and_stop_before_the_final_one(stack):
-    job = image_job(config__seed=21, config__num_inference_steps=60)
+    job = image_job(config__seed=21, **LONG)
     stack.r.rpush("sdxl_queue", encode(job, 0))
     stack.run_burst("sdxl", GENQ_PROGRESS_MIN_INTERVAL_S="1.0")
     events = stack.callbacks(job["id"])
