@@ -208,7 +208,6 @@ def test_progress_callbacks_are_ordered_throttled_and_stop_before_the_final_one(
     generating = [e["metadata"]["progress"] for e in progress if e["metadata"]["stage"] == "generating"]
     assert generating == sorted(generating) and all(0 <= p <= 100 for p in generating)
     times = stack.receiver.arrivals(job["id"], "processing")
-    # queued 1.0 s apart at the least; delivery jitter may bring two arrivals a little closer
-    assert all(b - a >= 0.5 for a, b in zip(times, times[1:]))
+    assert all(b - a >= 0.9 for a, b in zip(times, times[1:]))  # none more often than the setting
     meta = Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_meta()
     assert meta["stage"] == "uploading" or meta["progress"] == 100
