@@ -281,6 +281,16 @@ def _hashes(redis, pattern: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def _by_process(workers) -> dict[str, list]:
+    """rq workers grouped by daemon process: a daemon runs several (consumers/crew.py)."""
+    from consumers.crew import process_of
+
+    groups: dict[str, list] = {}
+    for w in sorted(workers, key=lambda w: w.name):
+        groups.setdefault(process_of(w.name), []).append(w)
+    return groups
+
+
 def collect_status(redis) -> dict:
     """Everything `status` shows, as data: supervisors, daemons (rq + genq hashes), cards."""
     from rq import Worker
@@ -292,17 +302,23 @@ def collect_status(redis) -> dict:
     cards = [memory.gpu_snapshot(redis, key.decode()) for key in redis.scan_iter(match=memory.GPU_KEY.format(host="*", gpu="*"))]
     holders = {name: (card, h) for card in cards for name, h in card["holders"].items()}
     rows = []
-    for w in Worker.all(connection=redis):
-        d, (card, h) = daemons.get(w.name, {}), holders.get(w.name, (None, {}))
+    for name, crew in _by_process(Worker.all(connection=redis)).items():
+        d, (card, h) = daemons.get(name, {}), holders.get(name, (None, {}))
+        w = crew[0]
+        jobs = [j for j in (x.get_current_job_id() for x in crew) if j]
+        states = {x.state for x in crew}
         rows.append({
-            "worker": w.name, "host": w.hostname, "pid": w.pid, "state": w.state,
-            "family": d.get("family") or w.name.split("-", 1)[0], "gpu": d.get("gpu"),
-            "last_heartbeat": w.last_heartbeat.isoformat() if w.last_heartbeat else None,
-            "current_job": w.get_current_job_id() or d.get("current_job") or None,
+            "worker": name, "host": w.hostname, "pid": w.pid,
+            "state": "busy" if "busy" in states else w.state, "workers": len(crew),
+            "family": d.get("family") or name.split("-", 1)[0], "gpu": d.get("gpu"),
+            "last_heartbeat": max((x.last_heartbeat for x in crew if x.last_heartbeat), default=None),
+            "current_job": ",".join(jobs) or d.get("current_job") or None,
             "progress": d.get("progress"), "models": d.get("models"),
             "resident_bytes": h.get("resident", int(d.get("resident_bytes") or 0)),
             "reserved_bytes": h.get("reserved", 0), "waiting": h.get("wait"), "asked_to_offload": h.get("ask"),
         })
+        if rows[-1]["last_heartbeat"] is not None:
+            rows[-1]["last_heartbeat"] = rows[-1]["last_heartbeat"].isoformat()
     return {"supervisors": supervisors, "daemons": rows, "gpus": cards}
 
 
@@ -318,7 +334,7 @@ def format_status(st: dict) -> str:
         lines.append(f"{card['key']}: capacity {memory.gib(card['capacity'])}, resident {memory.gib(card['resident'])}, "
                      f"reserved {memory.gib(card['reserved'])}")
     for d in st["daemons"]:
-        lines.append(f"{d['worker']}: {d['family']} gpu {d['gpu']} {d['state']}, heartbeat {d['last_heartbeat']}, "
+        lines.append(f"{d['worker']}: {d['family']} gpu {d['gpu']} {d['state']} ({d['workers']} worker(s)), heartbeat {d['last_heartbeat']}, "
                      f"resident {memory.gib(d['resident_bytes'])}, reserved {memory.gib(d['reserved_bytes'])}, "
                      f"models {d['models'] or '-'}, job {d['current_job'] or '-'} {d['progress'] or ''}".rstrip()
                      + (f", waiting for {memory.gib(d['waiting']['need'])}" if d["waiting"] else "")

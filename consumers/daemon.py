@@ -11,6 +11,7 @@ from rq.serializers import JSONSerializer
 
 from schemas.settings import Settings
 
+from .crew import Crew, GpuTurn, NoTurn, thread_name
 from .families import FAMILIES
 from .gpu import GpuGate
 from .intake import Intake
@@ -24,7 +25,8 @@ def connect(settings: Settings) -> Redis:
     return Redis.from_url(settings.redis_url.get_secret_value(), health_check_interval=30)
 
 
-def build(family_name: str, settings: Settings, redis: Redis | None = None) -> GenqWorker:
+def build(family_name: str, settings: Settings, redis: Redis | None = None) -> list[GenqWorker]:
+    """The process's workers (consumers/crew.py), sharing one resident pipeline and one GPU gate."""
     from uploader import Uploader
 
     family = FAMILIES[family_name]
@@ -34,22 +36,29 @@ def build(family_name: str, settings: Settings, redis: Redis | None = None) -> G
     log.info("%s: loading the %s pipeline", name, family.name)
     pipeline = family.load_pipeline(settings)
     pipeline.setup()
+    count = settings.worker_threads or family.threads
     runtime = Runtime(settings=settings, redis=redis, family=family, pipeline=pipeline,
-                      uploader=Uploader(settings, redis), worker_id=worker_id)
+                      uploader=Uploader(settings, redis), worker_id=worker_id,
+                      turn=GpuTurn() if family.takes_turns and count > 1 else NoTurn())
     runtime.gpu = GpuGate(runtime, memory.daemon_admission(redis, settings, name, family.name))
+    runtime.gpu.workers = count
     install(runtime)
     queue = Queue(family.raw_queue, connection=redis, serializer=JSONSerializer)
-    intake = Intake(redis=redis, queue=queue, raw_queue=family.raw_queue, worker_name=name,
-                    max_payload_bytes=settings.max_payload_bytes, max_attempts=settings.max_attempts,
-                    job_timeout_s=settings.job_timeout_s, result_ttl_s=settings.result_ttl_s,
-                    failure_ttl_s=settings.failure_ttl_s)
+    log.info("%s: %d worker(s)%s", name, count, ", taking turns on the GPU" if isinstance(runtime.turn, GpuTurn) else "")
+    return [_worker(runtime, queue, thread_name(name, i)) for i in range(count)]
+
+
+def _worker(runtime: Runtime, queue: Queue, name: str) -> GenqWorker:
+    s = runtime.settings
+    intake = Intake(redis=runtime.redis, queue=queue, raw_queue=runtime.family.raw_queue, worker_name=name,
+                    max_payload_bytes=s.max_payload_bytes, max_attempts=s.max_attempts,
+                    job_timeout_s=s.job_timeout_s, result_ttl_s=s.result_ttl_s, failure_ttl_s=s.failure_ttl_s)
     return GenqWorker(runtime, queue, intake, name=name)
 
 
 def run(family_name: str, settings: Settings, burst: bool = False, log_level: str = "INFO") -> int:
-    worker = build(family_name, settings)
-    delivered = worker.runtime.uploader.deliver_outbox()
+    workers = build(family_name, settings)
+    delivered = workers[0].runtime.uploader.deliver_outbox()
     if delivered:
         log.info("delivered %d callback(s) left over from an earlier run", delivered)
-    worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
-    return getattr(worker, "exit_code", 0)
+    return Crew(workers).work(burst=burst, logging_level=log_level, with_scheduler=False)

@@ -16,6 +16,11 @@ class Family:
     pipeline: str  # "module:Class", constructed with Settings, then .setup()
     handler: str  # module with perform(runtime, job, payload) and report_failure(runtime, payload, exc)
     adapter: str  # "module:function": today's payload -> the family's typed request
+    # rq workers per daemon process (GENQ_WORKER_THREADS overrides). Image and video workers take
+    # turns on the GPU, so a second one overlaps the next job's GPU work with the last one's upload;
+    # chat workers run at once, their requests decoded together by the pipeline's batching engine.
+    threads: int = 2
+    takes_turns: bool = True
 
     def adapt(self, payload: dict) -> Any:
         module, name = self.adapter.split(":")
@@ -33,5 +38,6 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "sdxl": Family("sdxl", "sdxl_queue", "pipelines.sdxl:SdxlPipeline", "consumers.images", "schemas.sdxl:adapt_sdxl"),
     "wan": Family("wan", "wan_queue", "pipelines.wan:WanVideoPipeline", "consumers.videos", "schemas.wan:adapt_wan"),
-    "chat": Family("chat", "chat_queue", "pipelines.chat:ChatPipeline", "consumers.chat", "schemas.chat:adapt_chat"),
+    "chat": Family("chat", "chat_queue", "pipelines.chat:ChatPipeline", "consumers.chat", "schemas.chat:adapt_chat",
+                   threads=16, takes_turns=False),
 }

@@ -30,6 +30,7 @@ def generate(runtime, job: Job | None, payload: dict, adapt: Callable[[dict], An
         started = time.monotonic()
         with runtime.hold_gpu(request, job):
             outputs = runtime.pipeline.run(request, inputs, on_step=progress.on_step)
+        runtime.turn.give_back()  # the next job's GPU work may start while this one uploads
         generation_time = round(time.monotonic() - started, 3)
         progress.set_stage("uploading")
         stored = store(request, outputs)

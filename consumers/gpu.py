@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from schemas.errors import PayloadError
 from schemas.payload import decode
 
 from .cancel import CancelCheck
+from .crew import process_of
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,11 @@ class GpuGate:
         self.on_cpu = False  # weights moved to CPU to make room for another daemon's job
         self.reserved: set[str] = set()
         self.oom = memory.OomPolicy()
+        self.workers = 1  # how many workers of this process share the gate (set by the daemon)
+        self.running: dict[str, tuple[str, Any] | None] = {}
+        self.left: set[str] = set()
+        self._status_lock = threading.Lock()
+        self._move_lock = threading.Lock()
         if admission is not None:
             admission.set_resident(self.weights, self._offloadable())
             self._heartbeat = admission.start_heartbeat()
@@ -104,7 +111,8 @@ class GpuGate:
             check_cancel()
             time.sleep(WAIT_S)  # polling the admission document: other processes free memory
         waited = time.monotonic() - waited
-        reload_s = self._bring_back() if self.on_cpu else 0.0
+        with self._move_lock:
+            reload_s = self._bring_back() if self.on_cpu else 0.0
         if job is not None:
             job.meta.update(vram_wait_s=round(waited, 3), weights_reload_s=round(reload_s, 3))
             job.save_meta()
@@ -124,8 +132,13 @@ class GpuGate:
         return cost
 
     def _offload_if_asked(self) -> None:
-        if self.on_cpu or not self._offloadable() or not self.admission.should_offload():
-            return
+        with self._move_lock:
+            # Never while a job of this process holds a reservation: its weights may be in use.
+            if self.on_cpu or self.reserved or not self._offloadable() or not self.admission.should_offload():
+                return
+            self._offload()
+
+    def _offload(self) -> None:
         started = time.monotonic()
         self.runtime.pipeline.move_to("cpu")
         self.on_cpu = True
@@ -144,23 +157,34 @@ class GpuGate:
 
     # --- status ---------------------------------------------------------------------------
     def publish(self, worker_name: str, current_job: str | None, progress: Any = None) -> None:
+        """One hash per daemon process, whatever number of workers it runs (consumers/crew.py)."""
+        with self._status_lock:
+            self.running[worker_name] = (current_job, progress) if current_job else None
+            jobs = [entry for entry in self.running.values() if entry]
         settings = self.runtime.settings
-        key = memory.DAEMON_KEY.format(worker=worker_name)
+        key = memory.DAEMON_KEY.format(worker=process_of(worker_name))
         fields = {"family": self.family, "gpu": settings.gpu_index, "host": settings.worker_host,
                   "resident_bytes": 0 if self.on_cpu else self.weights,
                   "models": json.dumps(sorted(memory.resident_parts(self.family, settings))),
-                  "current_job": current_job or "", "progress": "" if progress is None else progress,
+                  "current_job": ",".join(job for job, _ in jobs),
+                  "progress": ",".join("" if p is None else str(p) for _, p in jobs),
                   "updated_at": time.time()}
         with self.runtime.redis.pipeline() as pipe:
             pipe.hset(key, mapping=fields)
             pipe.expire(key, 120)
             pipe.execute()
 
-    def close(self, worker_name: str) -> None:
-        self.runtime.redis.delete(memory.DAEMON_KEY.format(worker=worker_name))
-        if self.admission is not None:
-            self._heartbeat.set()
-            self.admission.leave()
+    def leave(self, worker_name: str) -> None:
+        """A worker stopped; the last one to stop takes the process's hash and reservations away."""
+        with self._status_lock:
+            self.running.pop(worker_name, None)
+            self.left.add(worker_name)
+            last = len(self.left) >= self.workers
+        if last:
+            self.runtime.redis.delete(memory.DAEMON_KEY.format(worker=process_of(worker_name)))
+            if self.admission is not None:
+                self._heartbeat.set()
+                self.admission.leave()
 
 
 def table_overhead() -> int:

@@ -15,6 +15,7 @@ from rq.job import Job
 from schemas.policy import ContentRule
 from schemas.settings import Settings
 
+from .crew import NoTurn
 from .families import Family
 from .outcomes import describe
 
@@ -33,6 +34,7 @@ class Runtime:
     worker_id: str  # stable name reported in callbacks, e.g. sdxl-gpu0-host-a
     rule: ContentRule = field(init=False)
     gpu: Any = None  # consumers.gpu.GpuGate, set once the pipeline is resident
+    turn: Any = field(default_factory=NoTurn)  # consumers.crew.GpuTurn where workers take turns
 
     def __post_init__(self) -> None:
         self.rule = ContentRule.from_settings(self.settings)

@@ -10,11 +10,13 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 import redis
 from rq import Queue
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
+from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
 from .intake import Intake
@@ -27,6 +29,9 @@ POLL_S = 2  # how long one blocking take waits; bounds the reaction time to SIGT
 
 
 class GenqWorker(SimpleWorker):
+    # Job timeouts by timer thread, not SIGALRM: a daemon runs workers on several threads (crew.py).
+    death_penalty_class = TimerDeathPenalty
+
     def __init__(self, runtime: Runtime, queue: Queue, intake: Intake, **kwargs):
         settings = runtime.settings
         super().__init__(
@@ -36,6 +41,7 @@ class GenqWorker(SimpleWorker):
         self.runtime = runtime
         self.intake = intake
         self.exit_code = 0
+        self.crew: Any = None  # consumers.crew.Crew, when this process runs several workers
         self._beat_lock = threading.Lock()
         self._beating: threading.Event | None = None
         self.push_exc_handler(self._on_exception)
@@ -45,6 +51,15 @@ class GenqWorker(SimpleWorker):
         """rq jobs first (retries, dashboard requeues, native enqueues), then the raw list."""
         self.set_state(WorkerStatus.IDLE)
         self.procline(f"Listening on {self.intake.raw_queue}")
+        turn = self.runtime.turn
+        if not turn.take(lambda: self._stop_requested):
+            return None
+        result = self._take(timeout)
+        if result is None:
+            turn.give_back()
+        return result
+
+    def _take(self, timeout):
         burst = timeout is None
         backoff = 1.0
         while not self._stop_requested:
@@ -80,6 +95,13 @@ class GenqWorker(SimpleWorker):
         # SIGTERM: never raise out of a Redis call half-way through a take; finish the job, then stop.
         self._stop_requested = True
         self.set_shutdown_requested_date()
+        if self.crew is not None:
+            self.crew.stop_all()
+
+    def _install_signal_handlers(self):
+        # Only the main thread may install handlers; its worker stops the whole crew.
+        if threading.current_thread() is threading.main_thread():
+            super()._install_signal_handlers()
 
     def run_maintenance_tasks(self):
         super().run_maintenance_tasks()
@@ -101,6 +123,7 @@ class GenqWorker(SimpleWorker):
         try:
             self.perform_job(job, queue)
         finally:
+            self.runtime.turn.give_back()  # a job that failed before its GPU work ended
             self._stop_beating()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
@@ -133,7 +156,7 @@ class GenqWorker(SimpleWorker):
 
     def teardown(self):
         if self.runtime.gpu is not None:
-            self.runtime.gpu.close(self.name)
+            self.runtime.gpu.leave(self.name)
         super().teardown()
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry):
@@ -146,6 +169,8 @@ class GenqWorker(SimpleWorker):
             log.error("repeated CUDA out-of-memory errors: stopping this daemon so it is restarted")
             self._stop_requested = True
             self.exit_code = 3
+            if self.crew is not None:
+                self.crew.stop_all()
 
     # --- failure ---------------------------------------------------------------------------
     def _on_exception(self, job: Job, exc_type, exc_value, tb) -> bool:

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # --- daemon ----------------------------------------------------------------------------
     worker_host: str = Field(default_factory=socket.gethostname, validation_alias="GENQ_HOST")
     max_attempts: int = Field(3, ge=1, le=20, validation_alias="GENQ_MAX_ATTEMPTS")
+    # rq workers in one daemon process, sharing its model; unset: the family's default (consumers/families.py)
+    worker_threads: int | None = Field(None, ge=1, le=64, validation_alias="GENQ_WORKER_THREADS")
     job_timeout_s: int = Field(3600, ge=10, validation_alias="GENQ_JOB_TIMEOUT_S")
     # A started job whose daemon stops heart-beating for this long is put back in play.
     job_heartbeat_ttl_s: int = Field(45, ge=5, le=600, validation_alias="GENQ_JOB_HEARTBEAT_TTL_S")

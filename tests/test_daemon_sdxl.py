@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import pytest
 from PIL import Image
@@ -13,7 +14,8 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 from rq.serializers import JSONSerializer
 
 from consumers.cancel import request_cancel
-from tests.integration import BUCKET, encode, load_payload, png_size, stack  # noqa: F401
+from tests.integration import BUCKET, SERVICE_KEY, encode, load_payload, png_size, stack  # noqa: F401
+from tests.stubs.storage import StorageStub
 
 SMALL = {"config__resolution": "128x96", "config__num_inference_steps": 3}
 # Long enough that a test reacting to the first progress callback still finds the job running, on a
@@ -146,6 +148,35 @@ def test_kill9_mid_job_then_restart_completes_with_no_lost_and_no_extra_files(st
     assert second.wait(60) == 0
     assert stack.r.llen("sdxl_queue") == 0
     assert Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_status() == "finished"
+
+
+class HeldStorage(StorageStub):
+    """Uploads of one job hang until released: that job is provably still uploading."""
+
+    def __init__(self, held_job: str, **kw):
+        super().__init__(**kw)
+        self.held_job = held_job
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def _upload(self, request, rest):
+        if self.held_job in rest:
+            self.held.set()
+            self.release.wait(120)
+        return super()._upload(request, rest)
+
+
+def test_the_next_job_runs_on_the_gpu_while_the_last_one_uploads(stack):
+    first, second = image_job(config__seed=21), image_job(config__seed=22)
+    stack.storage.stop()
+    stack.storage = HeldStorage(first["id"], service_key=SERVICE_KEY).start()
+    daemon = stack.daemon("sdxl", SUPABASE_URL=stack.storage.url)  # two workers by default
+    stack.r.rpush("sdxl_queue", encode(first, 0))
+    assert stack.storage.held.wait(300), daemon.log()[-3000:]
+    stack.r.rpush("sdxl_queue", encode(second, 0))
+    assert_completed_images(stack, second, 128, 96, [22])  # ran start to end during the first's upload
+    assert [b["status"] for b in stack.callbacks(first["id"])] in ([], ["processing"])
+    stack.storage.release.set()
+    assert_completed_images(stack, first, 128, 96, [21])
 
 
 def test_storage_and_callback_outages_are_ridden_out(stack):

@@ -226,7 +226,7 @@ def test_status_joins_rq_workers_admission_and_daemon_hashes(r, redis_server):
                          capture_output=True, text=True, timeout=60, check=True)
     (row,) = json.loads(out.stdout)["daemons"]
     assert row | {"last_heartbeat": None, "pid": None, "host": None} == {
-        "worker": name, "host": None, "pid": None, "state": "?", "family": "sdxl", "gpu": "0",
+        "worker": name, "host": None, "pid": None, "state": "?", "workers": 1, "family": "sdxl", "gpu": "0",
         "last_heartbeat": None, "current_job": "job-1", "progress": "7/15", "models": "unet,text_encoders,vae",
         "resident_bytes": 8 * GIB, "reserved_bytes": 3 * GIB, "waiting": None, "asked_to_offload": None}
 
