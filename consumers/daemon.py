@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import memory
@@ -34,8 +35,10 @@ def build(family_name: str, settings: Settings, redis: Redis | None = None) -> l
     worker_id = f"{family.name}-gpu{settings.gpu_index}-{settings.worker_host}"
     name = f"{worker_id}-{uuid.uuid4().hex[:6]}"
     log.info("%s: loading the %s pipeline", name, family.name)
+    started = time.perf_counter()
     pipeline = family.load_pipeline(settings)
     pipeline.setup()
+    log.info("%s: %s pipeline ready in %.1fs (load and warm-up)", name, family.name, time.perf_counter() - started)
     count = settings.worker_threads or family.threads
     runtime = Runtime(settings=settings, redis=redis, family=family, pipeline=pipeline,
                       uploader=Uploader(settings, redis), worker_id=worker_id,

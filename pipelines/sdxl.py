@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -109,7 +110,9 @@ class SdxlPipeline:
         self.device = pick_device(self.settings)
         self.dtype = self._dtype_override or pick_dtype(self.device)
         path = resolve_model_path(self.settings.sdxl_model_path, self.family, self.settings, build_tiny_sdxl)
+        started = time.perf_counter()
         txt2img = self._load(path).to(self.device)
+        log.info("SDXL weights on %s in %.1fs", self.device, time.perf_counter() - started)  # cold-start figure
         txt2img.set_progress_bar_config(disable=True)
         self.txt2img = txt2img
         self.img2img = StableDiffusionXLImg2ImgPipeline(**txt2img.components, add_watermarker=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -152,6 +153,7 @@ class WanVideoPipeline:
         vace = self._resolve(self.settings.wan_vace_model_path, "wan_vace", build_tiny_wan_vace,
                              "WAN_VACE_MODEL_PATH", _VACE_CLASS)
         self.device = pick_device(self.settings)
+        started = time.perf_counter()
         # WAN is trained in bf16; its activations overflow fp16 (the family default on GPU).
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else pick_dtype(self.device)
         base = t2v or vace
@@ -171,6 +173,7 @@ class WanVideoPipeline:
                                          **shared)
         shared["vae"].to(self.device)
         shared["text_encoder"].to("cpu" if self.wan.text_encoder_offload else self.device)
+        log.info("wan weights loaded in %.1fs", time.perf_counter() - started)  # cold-start figure
         accel = AccelOptions.from_env()  # GPU speed-ups behind GENQ_ACCEL (docs/PERFORMANCE.md)
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(disable=True)

@@ -24,7 +24,7 @@ OPEN: list[GpuGate] = []
 def close_gates():
     yield
     while OPEN:  # stop their heartbeat threads, which would otherwise re-register after the next flush
-        OPEN.pop().close("test-worker")
+        OPEN.pop().leave("test-worker")
 
 
 def gate(r, family: str, capacity: int, holder: str, pipeline=None, settings=SETTINGS) -> GpuGate:
