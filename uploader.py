@@ -17,6 +17,7 @@ import socket
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +45,7 @@ REFERENCE_BUCKETS = frozenset({"user-library", "workspace-temp"})
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 # A batch of 1024px PNGs or an 81-frame MP4 over a slow link; the stock client's 20 s is too short.
 STORAGE_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+STORE_THREADS = 4  # images of one job encoded and uploaded at once
 OUTBOX = "genq:outbox"  # hash: entry id -> {"body": exact signed JSON, "created_at", "attempts", ...}
 OUTBOX_DUE = "genq:outbox:due"  # sorted set: entry id -> epoch seconds of its next try (or lease end)
 OUTBOX_BASE_DELAY_S = 5.0
@@ -398,13 +400,15 @@ class Uploader:
         return target
 
     def store_images(self, user_id: str, job_id: str, images: list[Image.Image]) -> list[StoredAsset]:
-        assets = []
-        for i, img in enumerate(images):
+        def store(i: int, img: Image.Image) -> StoredAsset:
             png_path, thumb_path = image_paths(user_id, job_id, i)
             png = self.upload(png_path, encode_png(img), "image/png")
             self.upload(thumb_path, encode_webp_thumbnail(img), "image/webp")
-            assets.append(StoredAsset(png_path, thumb_path, img.width, img.height, png.size))
-        return assets
+            return StoredAsset(png_path, thumb_path, img.width, img.height, png.size)
+
+        # zlib and libwebp release the GIL: a 6-image job encodes and uploads its images side by side.
+        with ThreadPoolExecutor(max_workers=max(1, min(STORE_THREADS, len(images)))) as pool:
+            return list(pool.map(store, range(len(images)), images))
 
     def store_video(self, user_id: str, job_id: str, frames: Sequence[Image.Image] | np.ndarray,
                     fps: int) -> StoredAsset:
