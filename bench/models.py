@@ -116,11 +116,12 @@ def wan_transformer_config(tiny: bool) -> dict:
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
-def build_wan(device: str = "cuda", tiny: bool = False, seed: int = 0):
+def build_wan(device: str = "cuda", tiny: bool = False, seed: int = 0, **transformer_overrides):
     """WanPipeline: bf16 transformer, fp32 VAE (the diffusers docs' recipe), no text encoder.
 
     Jobs are timed from prompt embeddings; the umT5 encoder is built separately (build_umt5) for
-    its memory figures.
+    its memory figures. `transformer_overrides` replace config keys (bench.full_models gives the tiny
+    transformer WAN's own rope table, so that real video sizes fit).
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
@@ -128,7 +129,7 @@ def build_wan(device: str = "cuda", tiny: bool = False, seed: int = 0):
     vae_cfg = {} if not tiny else dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                        temperal_downsample=[False, True, True])
     with torch.device(device):
-        transformer = WanTransformer3DModel(**wan_transformer_config(tiny)).to(torch.bfloat16)
+        transformer = WanTransformer3DModel(**{**wan_transformer_config(tiny), **transformer_overrides}).to(torch.bfloat16)
         vae = AutoencoderKLWan(**vae_cfg).to(torch.float32)
     _keep_fp32_like_from_pretrained(transformer)
     sched_cfg = {k: v for k, v in _arch("wan2_1_scheduler").items()}
