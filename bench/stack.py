@@ -110,6 +110,7 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         self.data: dict = {"started": datetime.now().isoformat(timespec="seconds"), "budget_s": budget_s,
                            "stages": {}}
+        self.on_save = None  # also called by save(): the memory timeline travels with the figures
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
@@ -119,6 +120,8 @@ class Run:
         tmp = self.out / ".stack.json.tmp"
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         tmp.replace(self.out / "stack.json")
+        if self.on_save:
+            self.on_save()
 
     def stage(self, name: str, fn, need_s: float = 0.0):
         """Run fn(record) unless the budget is short; errors are recorded, never raised."""
@@ -913,6 +916,8 @@ def main() -> int:
 
     def save_memory() -> None:
         (Path(args.out) / "memory.json").write_text(json.dumps(sampler.snapshot(), default=str))
+
+    run.on_save = save_memory
 
     services = []
     try:
