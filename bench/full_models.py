@@ -31,8 +31,8 @@ from bench import models
 
 FOLDERS = {"sdxl": "sdxl", "wan": "wan-t2v", "chat": "qwen-instruct"}
 GB = 1e9
-# Free disk the full-size build needs: 6.9 GB SDXL + 14.8 GB WAN + 15.2 GB Qwen, and some room.
-FULL_DISK_BYTES = 40 * 1024**3
+# Free disk the full-size build needs: 6.9 GB SDXL + 14.8 GB WAN + 15.2 GB Qwen, and a little room.
+FULL_DISK_BYTES = 38 * 10**9
 
 
 def env_for(out: Path) -> dict[str, str]:
@@ -219,7 +219,7 @@ def build_all(out: Path, tiny: bool, device: str, families=tuple(FOLDERS), repor
     free = shutil.disk_usage(out).free
     results["disk_free_gib_before"] = round(free / 1024**3, 1)
     if not tiny and free < FULL_DISK_BYTES:
-        raise RuntimeError(f"{out}: {free / 1024**3:.1f} GiB free, the full-size models need about 40 GiB")
+        raise RuntimeError(f"{out}: {free / 1e9:.1f} GB free, the full-size models need about {FULL_DISK_BYTES / 1e9:.0f} GB")
     for family in families:
         folder, done = out / FOLDERS[family], out / f"{FOLDERS[family]}.done.json"
         save, check = BUILDERS[family]

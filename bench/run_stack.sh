@@ -10,6 +10,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/results/stack}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+exec 3>&1 4>&2 > >(tee -a "$OUT/stack.log") 2>&1  # the setup's output: shown and logged
 LIMIT_S=${STACK_LIMIT_S:-590}  # the device tool's 10 minutes, less a margin to hand $OUT back
 
 # 1. Carried wheels (cp312 manylinux / pure Python): only for the interpreter they were made for.
@@ -50,6 +51,7 @@ df -h /tmp | tail -1
 # 4. The stack, inside what is left of the limit.
 BUDGET=$((LIMIT_S - SECONDS - 10))
 echo "run_stack: $SECONDS s of setup; bench.stack budget ${BUDGET} s"
+exec 1>&3 2>&4  # from here the log gets the stack's whole output, the screen a filtered copy
 timeout --kill-after=10 $((BUDGET + 15)) "$PY" -m bench.stack --budget-s "$BUDGET" "$@" 2>&1 | tee -a "$OUT/stack.log" \
   | grep -vE "Warning|warn\(|it/s\]|s/it\]" | cut -c1-600
 echo "run_stack: done after $SECONDS s (exit ${PIPESTATUS[0]})"

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from bench.full_models import FOLDERS, env_for  # noqa: E402  (no torch at import)
+from bench.full_models import FOLDERS, FULL_DISK_BYTES, env_for  # noqa: E402  (no torch at import)
 from tests.stubs.callback_receiver import CallbackReceiver  # noqa: E402
 from tests.stubs.storage import StorageStub  # noqa: E402
 
@@ -510,6 +510,16 @@ def stage_build(args, record: dict) -> dict:
     return built
 
 
+def pick_models_dir(tiny: bool) -> str:
+    """/tmp when its disk holds the models; else a tmpfs that does (then "cold" reads come from RAM)."""
+    if tiny:
+        return "/tmp/genq-models-tiny"
+    for base in ("/tmp", "/dev/shm"):
+        if os.path.isdir(base) and shutil.disk_usage(base).free >= FULL_DISK_BYTES:
+            return f"{base}/genq-models"
+    return "/tmp/genq-models"  # the build says how much is missing
+
+
 def model_files(models: str) -> dict[str, list[Path]]:
     return {f: sorted(p for p in (Path(models) / FOLDERS[f]).rglob("*") if p.is_file()) for f in FAMILIES}
 
@@ -530,28 +540,39 @@ def drop_page_cache(files: list[Path]) -> str:
     return "posix_fadvise_dontneed"
 
 
-def read_files(files: list[Path]) -> tuple[int, float]:
+def read_files(files: list[Path], limit: int | None = None) -> tuple[int, float]:
+    """Sequential reads in 64 MiB chunks (at most `limit` bytes): bytes read and seconds."""
     buf, total, t0 = bytearray(64 * 1024**2), 0, time.perf_counter()
     view = memoryview(buf)
     for path in files:
         with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
+            while (limit is None or total < limit) and (n := f.readinto(view)):
                 total += n
     return total, time.perf_counter() - t0
 
 
+def filesystem_of(path: str) -> str:
+    best = ("", "?")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        if str(Path(path).resolve()).startswith(mount) and len(mount) > len(best[0]):
+            best = (mount, fstype)
+    return f"{best[1]} on {best[0]}"
+
+
 def stage_coldread(args, record: dict) -> dict:
     files = model_files(args.models)
+    record["filesystem"] = filesystem_of(args.models)
     record["method"] = drop_page_cache([p for fs in files.values() for p in fs])
     for family, fs in files.items():
         cold_bytes, cold_s = read_files(fs)
-        _, warm_s = read_files(fs)
+        # the same bytes again, now cached (at most 2 GB of them): a cold read as fast means no eviction
+        warm_bytes, warm_s = read_files(fs, limit=2 * 10**9)
         record[family] = {"bytes": cold_bytes, "files": len(fs), "read_s": round(cold_s, 2),
                           "read_gb_s": round(cold_bytes / 1e9 / max(cold_s, 1e-6), 2),
-                          "cached_read_s": round(warm_s, 2)}
-    # a "cold" read as fast as the cached one means the eviction did not happen
-    record["cache_was_cold"] = all(r["read_s"] > 1.5 * r["cached_read_s"] for r in
-                                   (record[f] for f in FAMILIES) if r["bytes"] > 1e8) if not args.tiny else None
+                          "cached_read_gb_s": round(warm_bytes / 1e9 / max(warm_s, 1e-6), 2)}
+    big = [record[f] for f in FAMILIES if record[f]["bytes"] > 10**9]
+    record["cache_was_cold"] = all(r["read_gb_s"] < r["cached_read_gb_s"] / 1.5 for r in big) if big else None
     record["dropped_again_for_daemons"] = drop_page_cache([p for fs in files.values() for p in fs])
     return record
 
@@ -574,6 +595,8 @@ class Scenario:
         self.proc: subprocess.Popen | None = None
         self.tracker: Tracker | None = None
         self.seed = 1000
+        # the first scenario after coldread starts from disk; later ones find the weights in the cache
+        self.page_cache = "warm"
 
     def env(self) -> dict:
         drop = ("GENQ_", "SUPABASE_", "JOB_CALLBACK", "SDXL_", "WAN_", "QWEN_", "REDIS_URL")
@@ -600,6 +623,7 @@ class Scenario:
         self.sampler.set_phase(f"{self.name}:idle")
         time.sleep(1.0)  # one sample of the idle card
         record["used_before_start_gib"] = round(self.sampler.current() / GIB, 2)
+        record["page_cache"] = self.page_cache
         env = self.env()
         record["env"] = {k: v for k, v in env.items() if k.startswith(("GENQ_", "SDXL_", "WAN_", "QWEN_"))}
         self.sampler.set_phase(f"{self.name}:startup")
@@ -652,7 +676,7 @@ class Scenario:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # startup.sh exec'd the orchestrator: this pid is it
             try:
-                self.proc.wait(45)
+                self.proc.wait(min(45, max(5, self.run.left() - 5)))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
@@ -803,8 +827,11 @@ def _per_family(results: list[dict]) -> dict:
     return out
 
 
-def run_scenario(name: str, args, profile: Profile, run: Run, sampler: MemorySampler, services, record: dict) -> None:
+def run_scenario(name: str, args, profile: Profile, run: Run, sampler: MemorySampler, services, record: dict,
+                 cold: bool = False) -> None:
     sc = Scenario(name, args, profile, run, sampler, *services)
+    if cold:
+        sc.page_cache = f"dropped ({run.data['stages']['coldread']['dropped_again_for_daemons']})"
     try:
         for part, fn, need in (("startup", sc.start, 0), ("stream", sc.stream, 30),
                                ("overhead", sc.overhead, profile.need_overhead_s),
@@ -861,12 +888,12 @@ def summary(run: Run) -> str:
                                            for f, m in b["models"].items()))
     c = d["stages"].get("coldread", {})
     if "sdxl" in c:
-        lines.append(f"cold read ({c['method']}, cold={c['cache_was_cold']}): "
+        lines.append(f"cold read ({c['method']}, {c['filesystem']}, cold={c['cache_was_cold']}): "
                      + ", ".join(f"{f} {c[f]['read_s']}s ({c[f]['read_gb_s']} GB/s)" for f in FAMILIES))
     for name, sc in d.get("scenarios", {}).items():
         st = sc.get("startup", {})
         cs = st.get("cold_start", {})
-        lines.append(f"[{name}] ready in {st.get('all_ready_s')}s; weights on GPU (logged): "
+        lines.append(f"[{name}] ready in {st.get('all_ready_s')}s (page cache {st.get('page_cache')}); weights on GPU (logged): "
                      + ", ".join(f"{f} {cs.get(f, {}).get('weights_on_gpu_logged_s')}s" for f in FAMILIES)
                      + "; ready (logged): " + ", ".join(f"{f} {cs.get(f, {}).get('ready_logged_s')}s" for f in FAMILIES))
         if err := st.get("error") or sc.get("error"):
@@ -904,13 +931,15 @@ def main() -> int:
     ap.add_argument("--redis-server", default=os.environ.get("GENQ_REDIS_SERVER") or shutil.which("redis-server"))
     ap.add_argument("--redis-lib", default=os.environ.get("GENQ_REDIS_LIB"), help="LD_LIBRARY_PATH for redis-server")
     args = ap.parse_args()
-    args.models = args.models or ("/tmp/genq-models-tiny" if args.tiny else "/tmp/genq-models")
+    args.models = args.models or pick_models_dir(args.tiny)
     profile = TINY if args.tiny else FULL
     run = Run(Path(args.out), args.budget_s or (170 if args.tiny else 540))
     Path(args.work).mkdir(parents=True, exist_ok=True)
     sampler = MemorySampler()
     sampler.start()
     run.data.update(tiny=args.tiny, versions=versions(), card=sampler.card, memory_source=sampler.source,
+                    models_dir=args.models, disk_free_gb={d: round(shutil.disk_usage(d).free / 1e9, 1)
+                                                          for d in ("/tmp", "/dev/shm") if os.path.isdir(d)},
                     profile=profile.__dict__, accel=args.accel, scenarios={})
     run.save()
 
@@ -934,8 +963,9 @@ def main() -> int:
             if i > 0 and run.left() < profile.need_scenario_s:
                 record["skipped"] = f"{run.left():.0f} s left, needs {profile.need_scenario_s:.0f} s"
                 continue
+            cold = i == 0 and run.data["stages"].get("coldread", {}).get("dropped_again_for_daemons")
             try:
-                run_scenario(name, args, profile, run, sampler, services, record)
+                run_scenario(name, args, profile, run, sampler, services, record, cold=bool(cold))
             except Exception as exc:
                 record["error"] = f"{type(exc).__name__}: {exc}"[:3000]
                 record["traceback"] = traceback.format_exc()[-3000:]
