@@ -98,7 +98,7 @@ FULL = Profile(sdxl_res="1024x1024", sdxl6=3, sdxl6_steps=25, sdxl1=4, sdxl1_ste
 TINY = Profile(sdxl_res="64x64", sdxl6=2, sdxl6_steps=3, sdxl1=2, sdxl1_steps=2,
                videos=((0.3, 2), (0.3, 2)), chats=6, chat_tokens=8, overhead_jobs=3,
                overlap_jobs=4, overlap_images=6, overlap_steps=2, stream_timeout_s=150,
-               ready_timeout_s=150, need_scenario_s=40, need_overhead_s=8, need_overlap_s=8,
+               ready_timeout_s=150, need_scenario_s=60, need_overhead_s=8, need_overlap_s=8,
                warmup={"48GB": (64, 64, 1), "full": (64, 64, 1)})
 
 
