@@ -607,7 +607,7 @@ class Scenario:
             "REDIS_URL": self.redis_server.url, "SUPABASE_URL": self.storage.url, "SUPABASE_SERVICE_ROLE_KEY": SERVICE_KEY,
             "JOB_CALLBACK_URL": self.receiver.url, "JOB_CALLBACK_SECRET": SECRET, "GENQ_HOST": HOST,
             "GENQ_GRACE_S": "30", "GENQ_ACCEL": "1" if self.args.accel else "0", "PYTHON": sys.executable,
-            "GENQ_LOG_LEVEL": "INFO",
+            "GENQ_LOG_LEVEL": "INFO", "HOME": os.environ.get("HOME") or "/tmp",  # startup.sh runs with set -u
         })
         if self.args.tiny:
             env.update(GENQ_DEVICE="cpu", OMP_NUM_THREADS="2")
@@ -639,8 +639,8 @@ class Scenario:
         while len(seen) < len(FAMILIES):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"startup.sh / orchestrator exited {self.proc.returncode}: {self.log_tail()}")
-            if "crash-loops" in self.log_text():
-                raise RuntimeError(f"a daemon crash-loops: {self.log_tail()}")
+            if "exited unexpectedly" in self.log_text():  # the orchestrator would retry; the budget cannot
+                raise RuntimeError(f"a daemon exited during start-up: {self.log_tail()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"daemons not all ready after {time.monotonic() - t0:.0f} s "
                                    f"(ready: {sorted(seen)}): {self.log_tail()}")
@@ -869,6 +869,9 @@ def run_scenario(name: str, args, profile: Profile, run: Run, sampler: MemorySam
         record["memory_peaks"] = peaks
         top = max((v["bytes"] for k, v in peaks.items() if not k.endswith(":idle")), default=0)
         record["peak_used_gib"] = round(top / GIB, 2)
+        idle = record.get("startup", {}).get("used_before_start_gib")
+        if idle is not None:
+            record["peak_minus_idle_gib"] = round(top / GIB - idle, 2)
         if name == "48GB" and sampler.source == "nvml":
             record["peak_under_48gib"] = top < 48 * GIB
         run.save()
@@ -919,7 +922,7 @@ def summary(run: Run) -> str:
         if "ratio" in v:
             lines.append(f"[{name}] overlap: {len(v['jobs'])} jobs wall {v['wall_s']}s vs sum(generation) "
                          f"{v['sum_generation_s']}s = {v['ratio']}x (serial estimate {v['serial_estimate_s']}s)")
-        lines.append(f"[{name}] peak used memory {sc.get('peak_used_gib')} GiB"
+        lines.append(f"[{name}] peak used memory {sc.get('peak_used_gib')} GiB ({sc.get('peak_minus_idle_gib')} over idle)"
                      + (f", under 48 GiB: {sc['peak_under_48gib']}" if "peak_under_48gib" in sc else ""))
     return "\n".join(lines)
 
