@@ -1,13 +1,17 @@
 """Qwen 2.5 text generation (instruct and base) for `chat` and `enhance` jobs.
 
-Each configured model is loaded once in `setup()` and kept resident; `run()` is pure (no I/O).
-Rules that decide what the model sees are written down in docs/CHAT.md: the prompt rendering
-(ChatML for instruct, a plain transcript for base), the context rule (oldest turns dropped first)
-and how each sampling field reaches `generate()`.
+Each configured model is loaded once in `setup()` and kept resident; `run()` is pure (no I/O) and
+thread-safe: with batching on (pipelines/chat_batch.py) concurrent calls are decoded together by one
+engine thread, otherwise they take turns through transformers' generate(). Rules that decide what the
+model sees are written down in docs/CHAT.md: the prompt rendering (ChatML for instruct, a plain
+transcript for base), the context rule (oldest turns dropped first), how each sampling field reaches
+`generate()`, and batching.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +26,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, 
 from schemas.chat import ChatMessage, ChatRequest
 from schemas.errors import PayloadError
 
+from .accel import AccelOptions, DecodeRow
+from .chat_batch import BatchEngine, BatchOptions, RowRequest, build_engine, first_stop, sampling_for
 from .loading import pick_device, pick_dtype, resolve_model_path
 from .tiny_qwen import build_tiny_qwen
 
@@ -110,11 +116,16 @@ def base_transcript(messages: Sequence[ChatMessage]) -> str:
 class ChatPipeline:
     family = "chat"
 
-    def __init__(self, settings, *, context_limit: int | None = None, warmup_tokens: int | None = None):
+    def __init__(self, settings, *, context_limit: int | None = None, warmup_tokens: int | None = None,
+                 batching: BatchOptions | None = None):
         self.settings = settings
         self._context_limit = context_limit  # a cap below each model's max_position_embeddings
         self._warmup_tokens = warmup_tokens  # None: the largest prompt that fits the context
         self._models: dict[str, LoadedModel] = {}
+        self.batching = batching or BatchOptions.from_env()  # GENQ_CHAT_* (docs/CHAT.md, "Batching")
+        self.engine: BatchEngine | None = None
+        self._tokenizers = threading.RLock()  # tokenizers are not safe to share between threads
+        self._direct = threading.Lock()  # generate() without the engine: one call at a time
 
     def _configured(self) -> dict[str, str]:
         paths = {key: getattr(self.settings, name, None) for key, name in MODEL_SETTINGS.items()}
@@ -143,6 +154,13 @@ class ChatPipeline:
             loaded = LoadedModel(key, name, model, tokenizer, limit, device)
             self._warm_up(loaded)
             self._models[key] = loaded
+        if self.batching.active(device):
+            self.engine = build_engine(self._models, self.batching, cache_dir=AccelOptions.from_env().cache_dir)
+
+    def close(self) -> None:
+        """Stop the batching engine (requests still waiting fail with chat_batch.EngineClosed)."""
+        if self.engine is not None:
+            self.engine.close()
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         # Prefill the largest prompt once so the peak allocation happens now, not in a job.
@@ -171,7 +189,8 @@ class ChatPipeline:
 
     def _encode(self, request: ChatRequest, messages: Sequence[ChatMessage]) -> list[int]:
         tokenizer = self._loaded(request).tokenizer
-        return tokenizer(self.render(request, messages), add_special_tokens=False)["input_ids"]
+        with self._tokenizers:
+            return tokenizer(self.render(request, messages), add_special_tokens=False)["input_ids"]
 
     def prepare(self, request: ChatRequest) -> PreparedPrompt:
         """Apply the context rule: drop the oldest turns before the last user message until
@@ -212,9 +231,13 @@ class ChatPipeline:
         return next(iter(self._models.values())).device
 
     def move_to(self, device) -> None:
-        """Idle weights to CPU and back (memory admission makes room for another daemon's job)."""
-        for loaded in self._models.values():
-            loaded.model.to(device)
+        """Idle weights to CPU and back (memory admission makes room for another daemon's job); the
+        engine's KV pool is freed on the way out and allocated again by the next batch."""
+        with self.engine.idle() if self.engine is not None else contextlib.nullcontext():
+            for loaded in self._models.values():
+                loaded.model.to(device)
+            if self.engine is not None and torch.device(device).type == "cpu":
+                self.engine.release_memory()
 
     def check_inputs(self, request: ChatRequest) -> None:
         """Refuse what cannot run here before any GPU work: an unserved model, an oversized prompt."""
@@ -223,15 +246,61 @@ class ChatPipeline:
     # --- generation ---------------------------------------------------------------------------
 
     def run(self, request: ChatRequest, on_token: OnToken | None = None) -> ChatResult:
+        """Thread-safe. on_token(done, total) reports progress (every token on generate()'s path, at
+        each sync point on the engine's); an exception from it stops this request and is raised here."""
         prepared = self.prepare(request)
         config = self._generation_config(prepared)
-        started = time.perf_counter()
-        new_ids = self._generate(prepared, config, on_token)
-        return self._result(prepared, config, new_ids, time.perf_counter() - started)
+        row = self._row(prepared, config)
+        if row is not None:
+            out = self.engine.submit(row, on_token)
+            return self._result(prepared, config, out.token_ids, out.decode_s, out.info())
+        return self._run_direct(prepared, config, on_token)
 
     def run_batch(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        # Seam for batching: prepare() each, group by model, left-pad, one generate() per group.
-        return [self.run(request) for request in requests]
+        """Decode the requests together (one batch per model when the engine is on); results in order."""
+        prepared = [self.prepare(request) for request in requests]
+        configs = [self._generation_config(p) for p in prepared]
+        rows = [self._row(p, c) for p, c in zip(prepared, configs)]
+        if self.engine is None or not any(rows):
+            return [self._run_direct(p, c, None) for p, c in zip(prepared, configs)]
+        with self.engine.paused():  # all of them wait for the same start
+            tickets = [self.engine.submit_async(row) if row is not None else None for row in rows]
+        results = []
+        for p, c, ticket in zip(prepared, configs, tickets):
+            if ticket is None:
+                results.append(self._run_direct(p, c, None))
+            else:
+                out = ticket.wait()
+                results.append(self._result(p, c, out.token_ids, out.decode_s, out.info()))
+        return results
+
+    def _row(self, prepared: PreparedPrompt, config) -> RowRequest | None:
+        """The engine's form of the request; None when it cannot take it (off, too long, an option it lacks)."""
+        request, engine = prepared.request, self.engine
+        if engine is None or not engine.fits(request.model, len(prepared.input_ids), request.max_new_tokens):
+            return None
+        sampling = sampling_for(config, request)
+        if sampling is None:
+            return None
+        stop = None
+        if request.model == "qwen_base":
+            tokenizer, prompt, text = prepared.loaded.tokenizer, prepared.input_ids, BASE_STOP
+
+            def stop(ids: list[int]) -> int | None:
+                with self._tokenizers:
+                    return first_stop(tokenizer.decode, ids, text, prompt)
+        return RowRequest(request.model, DecodeRow(prepared.input_ids, request.max_new_tokens, sampling), stop)
+
+    def _run_direct(self, prepared: PreparedPrompt, config, on_token: OnToken | None) -> ChatResult:
+        """transformers' generate(): on the engine thread between batches when there is an engine."""
+        started = time.perf_counter()
+        if self.engine is not None:
+            new_ids = self.engine.run_exclusive(lambda progress: self._generate(prepared, config, progress),
+                                                on_token, total=prepared.request.max_new_tokens)
+        else:
+            with self._direct:
+                new_ids = self._generate(prepared, config, on_token)
+        return self._result(prepared, config, new_ids, time.perf_counter() - started, {"batch_size": 1})
 
     def _generate(self, prepared: PreparedPrompt, config, on_token: OnToken | None) -> list[int]:
         request, loaded = prepared.request, prepared.loaded
@@ -243,8 +312,8 @@ class ChatPipeline:
         criteria = StoppingCriteriaList()
         if on_token is not None:
             criteria.append(TokenProgress(prompt_length, request.max_new_tokens, on_token))
-        # generate() takes no torch.Generator: seed the global RNG right before it. One job at a
-        # time per process (DESIGN invariant 5) keeps this reproducible.
+        # generate() takes no torch.Generator: seed the global RNG right before it. One generate() at a
+        # time per process (the engine thread, or the direct lock) keeps this reproducible.
         torch.manual_seed(request.seed)
         with torch.inference_mode():
             out = loaded.model.generate(
@@ -264,7 +333,8 @@ class ChatPipeline:
         config.stop_strings = [BASE_STOP] if request.model == "qwen_base" else None
         return config
 
-    def _result(self, prepared: PreparedPrompt, config, new_ids: list[int], seconds: float) -> ChatResult:
+    def _result(self, prepared: PreparedPrompt, config, new_ids: list[int], seconds: float,
+                extra: dict[str, Any]) -> ChatResult:
         request, loaded = prepared.request, prepared.loaded
         stop_ids = set(_as_list(config.eos_token_id)) | {config.pad_token_id}
         kept = []
@@ -272,7 +342,8 @@ class ChatPipeline:
             if token in stop_ids:
                 break
             kept.append(token)
-        text = loaded.tokenizer.decode(kept, skip_special_tokens=True)
+        with self._tokenizers:
+            text = loaded.tokenizer.decode(kept, skip_special_tokens=True)
         if request.model == "qwen_base":
             text = text.split(BASE_STOP)[0]
         finish = "length" if len(kept) >= request.max_new_tokens else "stop"
@@ -287,7 +358,7 @@ class ChatPipeline:
             "top_k": config.top_k if config.do_sample else None,
             "repetition_penalty": config.repetition_penalty, "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty, "max_new_tokens": request.max_new_tokens,
-            "generation_time": round(seconds, 3),
+            "generation_time": round(seconds, 3), **extra,
         }
         if request.ignored_fields:
             info["ignored_fields"] = list(request.ignored_fields)

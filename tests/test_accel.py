@@ -7,7 +7,8 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from bench.harness import compare
 from bench.models import build_qwen, build_sdxl, build_wan
-from pipelines.accel import AccelOptions, FastDecoder, accelerate_sdxl, accelerate_wan, set_wan_step_cache, top_p_sampler
+from pipelines.accel import (AccelOptions, DecodeBatch, DecodeRow, FastDecoder, Sampling, accelerate_sdxl, accelerate_wan,
+                             length_buckets, set_wan_step_cache)
 
 
 def test_options_come_from_the_environment():
@@ -89,8 +90,48 @@ def test_fast_decoder_stops_rows_at_end_of_text(qwen):
         FastDecoder(qwen, max_len=10, compile=False).generate(ids, torch.ones_like(ids), 6)
 
 
-def test_top_p_sampler_keeps_to_the_nucleus():
-    logits = torch.tensor([[10.0, 9.0, -10.0, -10.0]] * 64)
-    picks = top_p_sampler(1.0, 0.9, torch.Generator().manual_seed(0))(logits)
-    assert set(picks.tolist()) <= {0, 1}
-    assert top_p_sampler(0.0, 0.9)(logits).tolist() == [0] * 64
+def test_sampling_keeps_to_top_k_and_the_nucleus(qwen):
+    dec = FastDecoder(qwen, max_len=64, max_batch=2, compile=False)
+    run = DecodeBatch(dec, 2, 64)
+    run.admit([(0, DecodeRow([5, 6, 7], 4, Sampling(temperature=1.0, top_k=3, seed=1))),
+               (1, DecodeRow([5, 6, 7], 4, Sampling(temperature=1.0, top_p=0.5, seed=2)))])
+    logits = torch.full((2, dec.vocab), -10.0)
+    logits[:, :4] = torch.tensor([4.0, 3.9, 3.8, 3.7])
+    picks = set()
+    for i in range(64):  # every draw position of both rows
+        run.gen[:2] = i
+        a, b = run._pick(logits, slice(0, 2)).tolist()
+        picks.add((a, b))
+        assert a in {0, 1, 2} and b in {0, 1}  # top 3; the smallest set with mass > 0.5 is the top two
+    assert {a for a, _ in picks} == {0, 1, 2} and {b for _, b in picks} == {0, 1}
+
+
+def test_shapes_are_bucketed_to_what_the_rows_need(qwen):
+    assert length_buckets(512, 32768) == (512, 1024, 2048, 4096, 8192, 16384, 32768)
+    assert length_buckets(512, 3000) == (512, 1024, 2048, 3000)
+    dec = FastDecoder(qwen, max_len=4096, max_batch=16, pool_tokens=16 * 1024, compile=False)
+    assert dec.shape_for(1, 300) == (1, 512) and dec.shape_for(3, 556) == (4, 1024)
+    assert dec.shape_for(16, 1024) == (16, 1024) and dec.shape_for(16, 1025) is None  # 16 x 2048 > the pool
+    assert dec.shape_for(8, 2000) == (8, 2048) and dec.shape_for(1, 4097) is None
+
+
+def test_rows_join_a_running_batch_and_decode_as_if_alone(qwen):
+    torch.manual_seed(1)
+    a, b = torch.randint(5, 1000, (1, 10)), torch.randint(5, 1000, (1, 6))
+    alone = FastDecoder(qwen, max_len=64, compile=False)
+    want_a = alone.generate(a, torch.ones_like(a), 12)[0]
+    want_b = alone.generate(b, torch.ones_like(b), 9)[0]
+    dec = FastDecoder(qwen, max_len=64, max_batch=4, batch_buckets=(1, 4), compile=False, sync_every=4)
+    with torch.inference_mode():
+        run = DecodeBatch(dec, 1, 64)
+        run.admit([(0, DecodeRow(a[0].tolist(), 12))])
+        run.sync()
+        run.advance()  # a is 5 tokens in; b joins at a later column, in a bigger batch
+        assert len(run.slots[0].tokens) == 5 and not run.slots[0].done
+        assert run.free_slots() == [] and run.can_join(DecodeRow(b[0].tolist(), 9))
+        run.grow(4)
+        run.admit([(2, DecodeRow(b[0].tolist(), 9))])
+        run.sync()
+        while run.active:
+            run.advance()
+    assert run.slots[0].tokens == want_a and run.slots[2].tokens == want_b
