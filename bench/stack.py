@@ -609,6 +609,9 @@ class Scenario:
             "GENQ_GRACE_S": "30", "GENQ_ACCEL": "1" if self.args.accel else "0", "PYTHON": sys.executable,
             "GENQ_LOG_LEVEL": "INFO", "HOME": os.environ.get("HOME") or "/tmp",  # startup.sh runs with set -u
         })
+        # The chat batching engine (on by default on CUDA) also on the CPU, so that --tiny runs its code;
+        # its decode step eager unless --chat-compile (a fresh machine compiles ~1-2 min at start).
+        env.update(GENQ_CHAT_BATCH="1", GENQ_CHAT_COMPILE="1" if self.args.chat_compile else "0")
         if self.args.tiny:
             env.update(GENQ_DEVICE="cpu", OMP_NUM_THREADS="2")
         if self.name == "48GB" or self.args.tiny:
@@ -938,6 +941,7 @@ def main() -> int:
     ap.add_argument("--scenarios", default="48GB,full")
     ap.add_argument("--skip", default="", help="comma list of: coldread, stream, overhead, overlap")
     ap.add_argument("--no-accel", dest="accel", action="store_false", help="GENQ_ACCEL=0 (the table assumes 1)")
+    ap.add_argument("--chat-compile", action="store_true", help="GENQ_CHAT_COMPILE=1 (production's default on CUDA)")
     ap.add_argument("--redis-server", default=os.environ.get("GENQ_REDIS_SERVER") or shutil.which("redis-server"))
     ap.add_argument("--redis-lib", default=os.environ.get("GENQ_REDIS_LIB"), help="LD_LIBRARY_PATH for redis-server")
     args = ap.parse_args()
@@ -950,7 +954,7 @@ def main() -> int:
     run.data.update(tiny=args.tiny, versions=versions(), card=sampler.card, memory_source=sampler.source,
                     models_dir=args.models, disk_free_gb={d: round(shutil.disk_usage(d).free / 1e9, 1)
                                                           for d in ("/tmp", "/dev/shm") if os.path.isdir(d)},
-                    profile=profile.__dict__, accel=args.accel, scenarios={})
+                    profile=profile.__dict__, accel=args.accel, chat_compile=args.chat_compile, scenarios={})
     run.save()
 
     def save_memory() -> None:
