@@ -968,10 +968,18 @@ def main() -> int:
             return 1
         if "coldread" not in args.skip:
             run.stage("coldread", lambda rec: stage_coldread(args, rec), need_s=profile.need_scenario_s + 60)
-        redis_server = RedisServer(args.redis_server, args.redis_lib, Path(args.work) / "redis")
-        storage, receiver = StorageStub(service_key=SERVICE_KEY).start(), CallbackReceiver(SECRET, SERVICE_KEY).start()
-        services = [redis_server, storage, receiver]
-        run.data["redis_version"] = redis_server.version
+
+        def start_services(record: dict) -> list:
+            if not args.redis_server:
+                raise RuntimeError("no redis-server: put one on PATH or pass --redis-server")
+            services[:] = [RedisServer(args.redis_server, args.redis_lib, Path(args.work) / "redis"),
+                           StorageStub(service_key=SERVICE_KEY).start(), CallbackReceiver(SECRET, SERVICE_KEY).start()]
+            record.update(redis_version=services[0].version, redis_server=args.redis_server, storage=services[1].url,
+                          callback=services[2].url)
+            return services
+
+        if run.stage("services", start_services) is None:
+            return 1
         for i, name in enumerate(filter(None, args.scenarios.split(","))):
             record = run.data["scenarios"].setdefault(name, {})
             if i > 0 and run.left() < profile.need_scenario_s:
