@@ -1,24 +1,43 @@
-"""Qwen 2.5 7B: generate() with the default cache against pipelines.accel.FastDecoder, same run, same card.
+"""Qwen 2.5 7B: generate() with the default cache against the batching engine (pipelines/chat_batch.py
+on pipelines.accel.FastDecoder), same process, same card.
 
     python -m bench.qwen [--tiny] [--runs 3] [--prompt-tokens 300] [--new-tokens 256] [--batch 16]
+                         [--compile-mode reduce-overhead] [--no-tune-single-row] [--budget-s 290] [--out DIR]
+
+Stages: build; baseline generate() at 1 stream, its time to first token, at --batch streams; the
+engine's start-up (KV pool, compile of the 1-row and --batch-row decode shapes); the engine at 1
+stream (one caller) and at --batch streams (--batch threads submitting at once, as the daemon's
+worker threads do): total tokens/s, per-request latency, time to first token; equality (greedy engine
+output against the argmax of a full uncached forward at every step); optional: the decoder's static
+batch without the engine thread, staggered arrivals (rows joining a running batch), a memory grid.
 """
 from __future__ import annotations
 
+import statistics
+import threading
 import time
 
 import torch
 
-from bench.harness import Report, compare, import_accel, memory, parse_args, ratio, reset_memory, sync, timed
+from bench.harness import Report, compare, memory, parse_args, ratio, reset_memory, sync, timed
 from bench.models import build_qwen
+from pipelines.accel import DecodeBatch, DecodeRow, FastDecoder, length_buckets
+from pipelines.chat_batch import BatchEngine, BatchOptions, EngineModel, RowRequest
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": round(min(values), 4), "median": round(statistics.median(values), 4),
+            "max": round(max(values), 4)}
 
 
 def main() -> None:
     args = parse_args(__doc__, lambda ap: (ap.add_argument("--prompt-tokens", type=int, default=300),
                                            ap.add_argument("--new-tokens", type=int, default=256),
                                            ap.add_argument("--batch", type=int, default=16),
+                                           ap.add_argument("--no-tune-single-row", action="store_true",
+                                                           help="no coordinate-descent tuning of the 1-row graph"),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')")))
-    accel = import_accel()
     dev = args.device
     if args.tiny:
         args.prompt_tokens, args.new_tokens, args.batch = 12, 8, 3
@@ -37,14 +56,14 @@ def main() -> None:
     model = st["model"]
     vocab = model.config.vocab_size
     gen = torch.Generator(dev).manual_seed(0)
+    n_new, width, streams = args.new_tokens, args.prompt_tokens, args.batch
 
     def prompt(batch: int):
-        ids = torch.randint(100, vocab, (batch, args.prompt_tokens), device=dev, generator=gen)
+        ids = torch.randint(100, vocab, (batch, width), device=dev, generator=gen)
         return ids, torch.ones_like(ids)
 
     ids1, mask1 = prompt(1)
-    idsb, maskb = prompt(args.batch)
-    n_new = args.new_tokens
+    idsb, maskb = prompt(streams)
 
     def hf(ids, mask, new=n_new, **kw):
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
@@ -56,93 +75,156 @@ def main() -> None:
         return res
 
     def reference():
-        out = hf(ids1, mask1)
-        st["ref_tokens"] = out[0, args.prompt_tokens:].tolist()
         with torch.no_grad():
             st["ref_logits"] = model(input_ids=ids1, attention_mask=mask1).logits[:, -1].float()
-        return {"tokens": len(st["ref_tokens"])}
+        return {"prompt_tokens": width}
 
     rep.stage("baseline_1stream", lambda: tok_s(timed(lambda: hf(ids1, mask1), dev, args.runs), 1))
     rep.stage("baseline_ttft", lambda: timed(lambda: hf(ids1, mask1, new=1), dev, 5))
-    rep.stage(f"baseline_{args.batch}streams", lambda: tok_s(timed(lambda: hf(idsb, maskb), dev, 2), args.batch))
+    rep.stage(f"baseline_{streams}streams", lambda: tok_s(timed(lambda: hf(idsb, maskb), dev, 2), streams))
     rep.stage("baseline_reference", reference)
     if args.hf_static:
         rep.stage("hf_static_1stream", lambda: tok_s(timed(lambda: hf(ids1, mask1, cache_implementation="static"),
                                                            dev, args.runs), 1), optional_cost_s=120)
 
-    max_len = args.prompt_tokens + n_new + 16
-    dec = accel.FastDecoder(model, max_len=max_len, compile=dev == "cuda")
-    ttft: list[float] = []
+    # --- the engine, configured as the daemon would be for this workload ------------------------
+    context = min(int(model.config.max_position_embeddings), 32768)
+    length = next(n for n in length_buckets(512, context) if n >= width + n_new)
+    opts = BatchOptions(enabled=True, max_batch=streams, window_ms=2.0, cache_tokens=streams * length,
+                        compile=dev.startswith("cuda"), compile_mode=args.compile_mode or "reduce-overhead",
+                        tune_single_row=not args.no_tune_single_row, warmup=((1, length), (streams, length)))
 
-    def ours(ids, mask, record_ttft=False):
+    def engine_setup():
+        reset_memory(dev)
+        decoder = opts.decoder(model, context)
+        st["decoder"] = decoder
+        st["engine"] = engine = BatchEngine({"qwen": EngineModel(decoder)}, opts).start()
         t0 = time.perf_counter()
+        spent = engine.warm_up()
+        sync(dev)
+        return {"warm_up_s": round(time.perf_counter() - t0, 1), "compile_s": spent, "cache_length": length,
+                "pool_tokens": decoder.pool_tokens, "kv_pool_gib": round(decoder.pool_tokens *
+                                                                         decoder.kv_bytes_per_token / 2**30, 3),
+                "compile_mode": opts.compile_mode if decoder.compiled else "eager",
+                "tune_single_row": opts.tune_single_row, **memory(dev)}
 
-        def first():
-            sync(dev)
-            if record_ttft:
-                ttft.append(time.perf_counter() - t0)
-        return dec.generate(ids, mask, n_new, on_first_token=first)
+    rep.stage("engine_setup", engine_setup)
+    engine: BatchEngine | None = st.get("engine")
+    rows1 = [RowRequest("qwen", DecodeRow(ids1[0].tolist(), n_new))]
+    rowsb = [RowRequest("qwen", DecodeRow(r.tolist(), n_new)) for r in idsb]
 
-    rep.stage("accel_1stream", lambda: tok_s(timed(lambda: ours(ids1, mask1), dev, args.runs), 1))
+    def concurrent(rows: list[RowRequest], gap_s: float = 0.0) -> dict:
+        """len(rows) threads released together (or gap_s apart), each submitting one row, as the daemon's
+        worker threads do; wall clock from the release to the last result."""
+        out: list = [None] * len(rows)
+        gate = threading.Barrier(len(rows) + 1)
 
-    def ttft_stage():
-        ttft.clear()
-        for _ in range(5):
-            ours(ids1, mask1, record_ttft=True)
-        return {"ttft_s": [round(t, 4) for t in ttft], "min_s": round(min(ttft), 4),
-                "median_s": round(sorted(ttft)[len(ttft) // 2], 4)}
+        def worker(i: int) -> None:
+            gate.wait()
+            if gap_s:
+                time.sleep(i * gap_s)  # load generation: arrivals spread over time
+            t0 = time.perf_counter()
+            result = engine.submit(rows[i])
+            out[i] = (result, time.perf_counter() - t0)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(rows))]
+        for t in threads:
+            t.start()
+        gate.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        assert all(len(r.token_ids) == n_new for r, _ in out), "a row ended early"
+        return {"wall_s": wall, "latency_s": [s for _, s in out],
+                "ttft_s": [r.queued_s + r.ttft_s for r, _ in out], "queued_s": [r.queued_s for r, _ in out],
+                "batch_sizes": sorted({r.batch_size for r, _ in out}), "shapes": sorted({r.shape for r, _ in out})}
 
-    rep.stage("accel_ttft", ttft_stage)
+    def engine_stage(rows: list[RowRequest], runs: int, gap_s: float = 0.0) -> dict:
+        concurrent(rows, gap_s)  # warm-up run
+        sync(dev)
+        reset_memory(dev)
+        got = [concurrent(rows, gap_s) for _ in range(runs)]
+        walls = [g["wall_s"] for g in got]
+        best = got[walls.index(min(walls))]
+        return {"times_s": [round(w, 4) for w in walls], "min_s": round(min(walls), 4),
+                "median_s": round(statistics.median(walls), 4),
+                "tokens_per_s": round(len(rows) * n_new / min(walls), 1),
+                "tokens_per_s_median": round(len(rows) * n_new / statistics.median(walls), 1),
+                "latency_s": _stats(best["latency_s"]), "ttft_s": _stats(best["ttft_s"]),
+                "queued_s": _stats(best["queued_s"]), "batch_sizes": best["batch_sizes"],
+                "shapes": [list(s) for s in best["shapes"]], **memory(dev)}
 
-    def check():
-        got = ours(ids1, mask1)[0]
-        same = next((i for i, (a, b) in enumerate(zip(got, st["ref_tokens"])) if a != b), len(got))
-        with torch.inference_mode():
-            cache_logits = dec._forward_last(ids1, torch.arange(args.prompt_tokens, device=dev)[None],
-                                             torch.arange(args.prompt_tokens, device=dev),
-                                             mask1, dec._cache(1)).float()
-        # Random weights leave near-ties between the top logits, so two correct decoders part ways
-        # after a few tokens; what must hold is that each cached step picks the token a full
-        # uncached forward over the same sequence picks.
-        seq = torch.cat([ids1, torch.tensor([got], device=dev)], dim=1)
-        with torch.no_grad():
-            full = model(input_ids=seq).logits[0, args.prompt_tokens - 1:-1].float()
-        top2 = full.topk(2, dim=-1).values
-        agree = full.argmax(-1).tolist()
-        disagree = [i for i, (a, b) in enumerate(zip(agree, got)) if a != b]
-        return {"greedy_tokens_equal_prefix": same, "of": len(got),
-                "cached_step_equals_full_forward_argmax": len(got) - len(disagree),
-                "disagreements_top2_margin": [round(float(top2[i, 0] - top2[i, 1]), 4) for i in disagree][:20],
-                "prefill_logits": compare(st["ref_logits"], cache_logits),
-                "tolerance": {"prefill_logits.rel_l2": 1e-2}}
+    if engine is not None:
+        rep.stage("engine_1stream", lambda: engine_stage(rows1, args.runs))
+        rep.stage(f"engine_{streams}streams", lambda: engine_stage(rowsb, args.runs))
 
-    rep.stage("equality", check)
-    rep.stage(f"accel_{args.batch}streams", lambda: tok_s(timed(lambda: ours(idsb, maskb), dev, args.runs), args.batch))
+        def check():
+            decoder: FastDecoder = st["decoder"]
+            got = engine.submit(rows1[0]).token_ids
+
+            def prefill(_):
+                run = DecodeBatch(decoder, 1, length)
+                return decoder._prefill(ids1, [0], run.kv, torch.zeros(1, dtype=torch.long, device=dev), width)
+            first_logits = engine.run_exclusive(prefill).float()
+            # Random weights leave near-ties between the top logits, so two correct decoders part ways
+            # after a few tokens; what must hold is that each cached step picks the token a full
+            # uncached forward over the same sequence picks.
+            seq = torch.cat([ids1, torch.tensor([got], device=dev)], dim=1)
+            with torch.no_grad():
+                full = model(input_ids=seq).logits[0, width - 1:-1].float()
+            top2 = full.topk(2, dim=-1).values
+            agree = full.argmax(-1).tolist()
+            disagree = [i for i, (a, b) in enumerate(zip(agree, got)) if a != b]
+            margins = [float(top2[i, 0] - top2[i, 1]) for i in disagree]
+            return {"of": len(got), "cached_step_equals_full_forward_argmax": len(got) - len(disagree),
+                    "disagreements_top2_margin": [round(m, 4) for m in margins][:20],
+                    "disagreements_max_margin": round(max(margins), 4) if margins else 0.0,
+                    "prefill_logits": compare(st["ref_logits"], first_logits),
+                    "tolerance": {"prefill_logits.rel_l2": 1e-2}}
+
+        rep.stage("equality", check)
+
+        def static_batch():
+            decoder: FastDecoder = st["decoder"]
+            return tok_s(timed(lambda: engine.run_exclusive(lambda _: decoder.generate(idsb, maskb, n_new)),
+                               dev, args.runs), streams)
+
+        rep.stage(f"decoder_{streams}streams_static", static_batch, optional_cost_s=30)
+        # Arrivals 20 ms apart: later rows join the running batch at sync points (continuous batching).
+        rep.stage(f"engine_{streams}streams_staggered", lambda: engine_stage(rowsb, 1, gap_s=0.02),
+                  optional_cost_s=30)
 
     def memory_grid():
         rows = []
         for batch in (1, 4, 16):
             for ctx in ((16, 32) if args.tiny else (512, 2048, 8192)):
-                d = accel.FastDecoder(model, max_len=ctx + 64, compile=False)
+                cache = next(n for n in length_buckets(512, context) if n >= ctx + 4)
+                d = FastDecoder(model, context, max_batch=batch, pool_tokens=batch * cache, compile=False)
                 ids = torch.randint(100, vocab, (batch, ctx), device=dev, generator=gen)
                 reset_memory(dev)
                 resident = memory(dev).get("allocated_gib")
                 d.generate(ids, torch.ones_like(ids), 4)
                 sync(dev)
                 rows.append({"family": "qwen", "path": "fastdecoder_eager", "batch": batch, "context_tokens": ctx,
-                             "resident_gib": resident, **memory(dev)})
+                             "cache_tokens": cache, "resident_gib": resident, **memory(dev)})
                 del d
         return rows
 
     rep.stage("memory_grid", memory_grid, optional_cost_s=60)
+    if engine is not None:
+        engine.close()
     s = rep.data["stages"]
-    b1, bb = s.get("accel_1stream") or {}, s.get(f"accel_{args.batch}streams") or {}
+    e1, eb = s.get("engine_1stream") or {}, s.get(f"engine_{streams}streams") or {}
     rep["summary"] = {
-        "speedup_1stream": ratio(s.get("baseline_1stream"), s.get("accel_1stream")),
-        f"speedup_{args.batch}streams": ratio(s.get(f"baseline_{args.batch}streams"), s.get(f"accel_{args.batch}streams")),
-        "accel_1stream_tok_s": b1.get("tokens_per_s"), f"accel_{args.batch}streams_tok_s": bb.get("tokens_per_s"),
+        "speedup_1stream": ratio(s.get("baseline_1stream"), s.get("engine_1stream")),
+        f"speedup_{streams}streams": ratio(s.get(f"baseline_{streams}streams"), s.get(f"engine_{streams}streams")),
+        "engine_1stream_tok_s": e1.get("tokens_per_s"), f"engine_{streams}streams_tok_s": eb.get("tokens_per_s"),
+        "engine_1stream_ttft_s": (e1.get("ttft_s") or {}).get("min"),
+        f"engine_{streams}streams_ttft_median_s": (eb.get("ttft_s") or {}).get("median"),
+        f"engine_{streams}streams_latency_median_s": (eb.get("latency_s") or {}).get("median"),
+        "compile_s": (s.get("engine_setup") or {}).get("compile_s"),
         "hf_static_1stream_tok_s": (s.get("hf_static_1stream") or {}).get("tokens_per_s"),
-        "accel_ttft_s": (s.get("accel_ttft") or {}).get("min_s"),
+        "targets": {"1stream_tok_s": 240, f"{streams}streams_tok_s": 2500},
     }
     print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)
 

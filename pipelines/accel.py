@@ -293,7 +293,9 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, max_batch: int = 16, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16),
                  min_len: int = 512, pool_tokens: int | None = None, compile: bool = True,
                  compile_mode: str | None = "reduce-overhead", tune_single_row: bool = True,
-                 sync_every: int = 16, prefill_tokens: int = 16384):
+                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "packed"):
+        if attention not in ("packed", "repeat"):
+            raise ValueError(f"attention {attention!r}: use packed or repeat")
         inner = getattr(model, "model", None)
         if inner is None or getattr(model, "lm_head", None) is None or any(
                 getattr(inner, name, None) is None for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
@@ -321,6 +323,8 @@ class FastDecoder:
         self.kv_bytes_per_token = 2 * len(self.layers) * self.kv_heads * self.head_dim * param.element_size()
         self.compiled = bool(compile) and param.device.type == "cuda"
         self.compile_mode, self.tune_single_row = compile_mode, tune_single_row
+        self.attention = attention
+        self._pool_owner: FastDecoder | None = None
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._ready: set[tuple[int, int]] = set()
         self._pool: _KVPool | None = None
@@ -338,10 +342,23 @@ class FastDecoder:
     def pool(self) -> _KVPool:
         if self._pool is None:
             param = next(self.model.parameters())
-            self._pool = _KVPool(len(self.layers), self.kv_heads, self.head_dim, self.pool_tokens, param.dtype,
-                                 param.device, static=self.compiled)
+            if self._pool_owner is not None:
+                self._pool = self._pool_owner.pool()
+            else:
+                self._pool = _KVPool(len(self.layers), self.kv_heads, self.head_dim, self.pool_tokens, param.dtype,
+                                     param.device, static=self.compiled)
             self._vocab_range = torch.arange(self.vocab, device=param.device)
         return self._pool
+
+    def share_pool(self, owner: "FastDecoder") -> bool:
+        """Use `owner`'s KV pool (one batch runs at a time, so two models of one geometry need one pool)."""
+        mine, theirs = next(self.model.parameters()), next(owner.model.parameters())
+        same = (len(self.layers), self.kv_heads, self.head_dim, self.pool_tokens, self.compiled, mine.dtype,
+                mine.device) == (len(owner.layers), owner.kv_heads, owner.head_dim, owner.pool_tokens, owner.compiled,
+                                 theirs.dtype, theirs.device)
+        if same:
+            self._pool_owner, self._pool = owner, None
+        return same
 
     def release_memory(self) -> None:
         """Drop the pool (weights moving to CPU); compiled shapes are traced again on next use."""
@@ -434,9 +451,13 @@ class FastDecoder:
             keys, values = kv[2 * i], kv[2 * i + 1]
             keys.index_copy_(2, column, k)
             values.index_copy_(2, column, v)
-            # Query heads sharing a key/value head become that head's query rows: no repeated cache.
-            q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=self.scaling)
+            if self.attention == "packed":
+                # Query heads sharing a key/value head become that head's query rows: no repeated cache.
+                q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=self.scaling)
+            else:  # transformers' compiled decode: the cache repeated per query head
+                o = F.scaled_dot_product_attention(q, _repeat_kv(keys, self.n_rep), _repeat_kv(values, self.n_rep),
+                                                   attn_mask=keep, scale=self.scaling)
             x = x + attn.o_proj(o.reshape(b, 1, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.inner.norm(x))[:, 0].float()

@@ -26,8 +26,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, 
 from schemas.chat import ChatMessage, ChatRequest
 from schemas.errors import PayloadError
 
-from .accel import AccelOptions, DecodeRow
-from .chat_batch import BatchEngine, BatchOptions, RowRequest, build_engine, first_stop, sampling_for
+from .accel import AccelOptions
+from .chat_batch import BatchEngine, BatchOptions, RowRequest, build_engine, row_request
 from .loading import pick_device, pick_dtype, resolve_model_path
 from .tiny_qwen import build_tiny_qwen
 
@@ -252,8 +252,7 @@ class ChatPipeline:
         config = self._generation_config(prepared)
         row = self._row(prepared, config)
         if row is not None:
-            out = self.engine.submit(row, on_token)
-            return self._result(prepared, config, out.token_ids, out.decode_s, out.info())
+            return self._finish(prepared, config, self.engine.submit(row, on_token))
         return self._run_direct(prepared, config, on_token)
 
     def run_batch(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
@@ -261,35 +260,20 @@ class ChatPipeline:
         prepared = [self.prepare(request) for request in requests]
         configs = [self._generation_config(p) for p in prepared]
         rows = [self._row(p, c) for p, c in zip(prepared, configs)]
-        if self.engine is None or not any(rows):
-            return [self._run_direct(p, c, None) for p, c in zip(prepared, configs)]
-        with self.engine.paused():  # all of them wait for the same start
-            tickets = [self.engine.submit_async(row) if row is not None else None for row in rows]
-        results = []
-        for p, c, ticket in zip(prepared, configs, tickets):
-            if ticket is None:
-                results.append(self._run_direct(p, c, None))
-            else:
-                out = ticket.wait()
-                results.append(self._result(p, c, out.token_ids, out.decode_s, out.info()))
-        return results
+        tickets = self.engine.submit_together(rows) if self.engine is not None else [None] * len(rows)
+        return [self._run_direct(p, c, None) if t is None else self._finish(p, c, t.wait())
+                for p, c, t in zip(prepared, configs, tickets)]
 
     def _row(self, prepared: PreparedPrompt, config) -> RowRequest | None:
-        """The engine's form of the request; None when it cannot take it (off, too long, an option it lacks)."""
-        request, engine = prepared.request, self.engine
-        if engine is None or not engine.fits(request.model, len(prepared.input_ids), request.max_new_tokens):
-            return None
-        sampling = sampling_for(config, request)
-        if sampling is None:
-            return None
-        stop = None
-        if request.model == "qwen_base":
-            tokenizer, prompt, text = prepared.loaded.tokenizer, prepared.input_ids, BASE_STOP
+        stop = BASE_STOP if prepared.request.model == "qwen_base" else None
+        return row_request(self.engine, prepared, config, stop, partial(self._decode, prepared.loaded.tokenizer))
 
-            def stop(ids: list[int]) -> int | None:
-                with self._tokenizers:
-                    return first_stop(tokenizer.decode, ids, text, prompt)
-        return RowRequest(request.model, DecodeRow(prepared.input_ids, request.max_new_tokens, sampling), stop)
+    def _decode(self, tokenizer, ids: list[int], **kwargs) -> str:
+        with self._tokenizers:
+            return tokenizer.decode(ids, **kwargs)
+
+    def _finish(self, prepared: PreparedPrompt, config, out) -> ChatResult:
+        return self._result(prepared, config, out.token_ids, out.decode_s, out.info())
 
     def _run_direct(self, prepared: PreparedPrompt, config, on_token: OnToken | None) -> ChatResult:
         """transformers' generate(): on the engine thread between batches when there is an engine."""
@@ -342,8 +326,7 @@ class ChatPipeline:
             if token in stop_ids:
                 break
             kept.append(token)
-        with self._tokenizers:
-            text = loaded.tokenizer.decode(kept, skip_special_tokens=True)
+        text = self._decode(loaded.tokenizer, kept, skip_special_tokens=True)
         if request.model == "qwen_base":
             text = text.split(BASE_STOP)[0]
         finish = "length" if len(kept) >= request.max_new_tokens else "stop"

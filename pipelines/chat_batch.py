@@ -101,6 +101,7 @@ class BatchOptions:
     compile: bool | None = None  # None: on CUDA
     compile_mode: str | None = "reduce-overhead"
     tune_single_row: bool = True
+    attention: str = "packed"  # or "repeat": the cache repeated per query head, as transformers does
     warmup: tuple[tuple[int, int], ...] | None = None  # None: {1, max_batch} x {1024, 4096}
 
     @classmethod
@@ -124,6 +125,7 @@ class BatchOptions:
             compile=_flag(env, "GENQ_CHAT_COMPILE", None),
             compile_mode=(None if mode == "default" else mode) if mode else cls.compile_mode,
             tune_single_row=bool(_flag(env, "GENQ_CHAT_TUNE_SINGLE_ROW", True)),
+            attention=env.get("GENQ_CHAT_ATTENTION", "").strip() or cls.attention,
             warmup=_shapes(env, "GENQ_CHAT_WARMUP"),
         )
 
@@ -135,7 +137,7 @@ class BatchOptions:
             model, context_limit, max_batch=self.max_batch, batch_buckets=self.batch_buckets,
             min_len=self.min_cache_len, pool_tokens=self.cache_tokens, compile=self.compile is not False,
             compile_mode=self.compile_mode, tune_single_row=self.tune_single_row, sync_every=self.sync_tokens,
-            prefill_tokens=self.prefill_tokens)
+            prefill_tokens=self.prefill_tokens, attention=self.attention)
 
     def warm_shapes(self, decoder: FastDecoder) -> list[tuple[int, int]]:
         """The shapes to compile at start: the configured ones, rounded up to buckets that fit."""
@@ -300,6 +302,11 @@ class BatchEngine:
         ticket = Ticket(self, request=request, total=request.row.max_new_tokens)
         self._enqueue(ticket)
         return ticket
+
+    def submit_together(self, requests: Sequence[RowRequest | None]) -> list[Ticket | None]:
+        """Queue rows so that they start in one batch (None entries stay None)."""
+        with self.paused():
+            return [None if r is None else self.submit_async(r) for r in requests]
 
     def submit(self, request: RowRequest, on_token: OnToken | None = None) -> RowResult:
         """Decode one row with whatever else is waiting; blocks the calling thread until its result."""
@@ -603,6 +610,25 @@ def first_stop(decode: Callable[[list[int]], str], ids: list[int], stop: str, pr
     return lo
 
 
+def row_request(engine: BatchEngine | None, prepared, config, stop_text: str | None,
+                decode: Callable[[list[int]], str]) -> RowRequest | None:
+    """The engine's form of a ChatPipeline request (PreparedPrompt + its generation config); None when
+    the engine cannot take it (no engine, too long for its cache, an option it lacks)."""
+    request = prepared.request
+    if engine is None or not engine.fits(request.model, len(prepared.input_ids), request.max_new_tokens):
+        return None
+    sampling = sampling_for(config, request)
+    if sampling is None:
+        return None
+    stop = None
+    if stop_text:
+        prompt = list(prepared.input_ids)
+
+        def stop(ids: list[int]) -> int | None:
+            return first_stop(decode, ids, stop_text, prompt)
+    return RowRequest(request.model, DecodeRow(prepared.input_ids, request.max_new_tokens, sampling), stop)
+
+
 def build_engine(models: Mapping[str, Any], options: BatchOptions, *, cache_dir: str | None = None) -> BatchEngine | None:
     """One engine for the loaded chat models (each with .model, .tokenizer, .context_limit); models of
     another architecture keep generate(). Starts the thread, allocates the pools, warms the shapes."""
@@ -618,6 +644,9 @@ def build_engine(models: Mapping[str, Any], options: BatchOptions, *, cache_dir:
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or (0,))[0]
         entries[key] = EngineModel(decoder, eos, pad, tuple(config.suppress_tokens or ()))
+        owner = next(iter(entries.values())).decoder
+        if owner is not decoder and decoder.share_pool(owner):
+            log.info("chat %s shares the KV pool of the first model", key)
     if not entries:
         return None
     if cache_dir and any(e.decoder.compiled for e in entries.values()):

@@ -169,7 +169,7 @@ def test_a_cancelled_row_stops_alone(pipes):
         raise Stop("cancelled")
     got = together(pipes["endless"], [request(max_new_tokens=30), request(max_new_tokens=40),
                                       request(max_new_tokens=25)], [None, cancel, None])
-    assert isinstance(got[1], Stop) and calls == [1]
+    assert isinstance(got[1], Stop) and len(calls) == 1  # its first report (1 token, or more if it woke late)
     assert [got[0].token_ids, got[2].token_ids] == [w.token_ids for w in want]
     assert got[0].tokens_generated == 30 and got[0].model_info["batch_size"] == 3
 
