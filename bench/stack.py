@@ -925,7 +925,8 @@ def summary(run: Run) -> str:
         if "ratio" in v:
             lines.append(f"[{name}] overlap: {len(v['jobs'])} jobs wall {v['wall_s']}s vs sum(generation) "
                          f"{v['sum_generation_s']}s = {v['ratio']}x (serial estimate {v['serial_estimate_s']}s)")
-        lines.append(f"[{name}] peak used memory {sc.get('peak_used_gib')} GiB ({sc.get('peak_minus_idle_gib')} over idle)"
+        lines.append(f"[{name}] peak used memory ({d.get('memory_source')}) {sc.get('peak_used_gib')} GiB "
+                     f"({sc.get('peak_minus_idle_gib')} over idle)"
                      + (f", under 48 GiB: {sc['peak_under_48gib']}" if "peak_under_48gib" in sc else ""))
     return "\n".join(lines)
 
