@@ -767,12 +767,16 @@ class DecodeBatch:
                     changed.append(s)
         return changed
 
-    def advance(self) -> list[int]:
-        """Decode until the next sync point (every sync_every tokens, or when a row reaches its limit)."""
+    def launch(self) -> int:
+        """Queue the steps up to the next sync point (sync_every tokens, or the first row limit); no wait."""
         live = [s for s in self.slots.values() if not s.done]
         if not live:
-            return []
-        steps = min(self.decoder.sync_every, min(s.max_new - len(s.tokens) for s in live))
-        for _ in range(max(1, steps)):
+            return 0
+        steps = max(1, min(self.decoder.sync_every, min(s.max_new - len(s.tokens) for s in live)))
+        for _ in range(steps):
             self.step()
-        return self.sync()
+        return steps
+
+    def advance(self) -> list[int]:
+        """Decode to the next sync point and read the results back."""
+        return self.sync() if self.launch() else []

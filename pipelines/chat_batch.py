@@ -102,7 +102,7 @@ class BatchOptions:
     compile_mode: str | None = "reduce-overhead"
     tune_single_row: bool = True
     attention: str = "packed"  # or "repeat": the cache repeated per query head, as transformers does
-    warmup: tuple[tuple[int, int], ...] | None = None  # None: {1, max_batch} x {1024, 4096}
+    warmup: tuple[tuple[int, int], ...] | None = None  # None: 1x2048, max_batch x 1024, max_batch x 4096
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "BatchOptions":
@@ -143,8 +143,10 @@ class BatchOptions:
         """The shapes to compile at start: the configured ones, rounded up to buckets that fit."""
         if not decoder.compiled:
             return []
-        wanted = self.warmup if self.warmup is not None else tuple(
-            (b, n) for b in (1, decoder.max_batch) for n in (1024, 4096))
+        # By default one 1-row shape and two full-batch ones: with the 1.5x rule of shape_for they serve
+        # every batch up to 4096 cache tokens without compiling in a job.
+        wanted = self.warmup if self.warmup is not None else (
+            (1, 2048), (decoder.max_batch, 1024), (decoder.max_batch, 4096))
         shapes = []
         for rows, length in wanted:
             shape = next(((b, n) for b in decoder.batch_buckets if b >= rows for n in decoder.length_buckets
@@ -483,15 +485,20 @@ class BatchEngine:
                                 suppress_token_ids=entry.suppress_token_ids)
             self._admit(batch, list(enumerate(tickets)), owners)
             while owners:
-                batch.advance()
+                # The next steps are queued first: the host's bookkeeping below overlaps them on the GPU
+                # (a row stopped or cancelled there decodes one chunk of padding at most).
+                launched = batch.launch()
                 self._collect(batch, owners)
                 if self._closed:
                     for ticket in owners.values():
                         ticket.fail(EngineClosed("the chat batch engine closed while this request ran"))
                     return
                 joining = self._joiners(batch, model) if owners else []
-                everyone += [t for _, t in joining]
-                self._admit(batch, joining, owners)
+                if joining:
+                    everyone += [t for _, t in joining]
+                    self._admit(batch, joining, owners)  # its sync also reads the queued steps
+                elif launched:
+                    batch.sync()
         except Exception as exc:  # a failed batch (CUDA OOM, a bug): every caller in it hears of it
             log.exception("chat batch of %d rows failed", len(everyone))
             self.stats["failed_batches"] += 1
@@ -516,10 +523,9 @@ class BatchEngine:
         for _, ticket in pairs:
             ticket.first = now
         self.stats["rows"] += len(pairs)
-        self._collect(batch, owners)
 
     def _collect(self, batch: DecodeBatch, owners: dict[int, Ticket]) -> None:
-        """After a sync: progress to every caller; finished, stopped and cancelled rows leave."""
+        """What the last sync read: progress to every caller; finished, stopped and cancelled rows leave."""
         together = len(owners)
         now = time.perf_counter()
         for slot, ticket in list(owners.items()):
