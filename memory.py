@@ -298,6 +298,12 @@ def load_fleet(redis, family: str) -> list[GpuPlan]:
     return [p for p in plans if family in p.families]
 
 
+def card_plan(redis, host: str, gpu_index: int) -> GpuPlan | None:
+    """This card's entry in its host's published plan (None without a live orchestrator)."""
+    raw = redis.get(PLAN_KEY.format(host=host))
+    return next((p for p in map(GpuPlan.from_json, json.loads(raw or "[]")) if p.gpu.index == gpu_index), None)
+
+
 def never_fits_message(request: Any, settings: Any, fleet: Sequence[GpuPlan]) -> str | None:
     """A message for a job no configured GPU could ever hold, else None (also when no plan is known)."""
     need = job_need_bytes(request, settings)

@@ -14,7 +14,7 @@ from schemas.settings import Settings
 
 from .crew import Crew, GpuTurn, NoTurn, thread_name
 from .families import FAMILIES
-from .gpu import GpuGate
+from .gpu import GpuGate, loading
 from .intake import Intake
 from .runtime import Runtime, install
 from .worker import GenqWorker
@@ -37,13 +37,15 @@ def build(family_name: str, settings: Settings, redis: Redis | None = None) -> l
     log.info("%s: loading the %s pipeline", name, family.name)
     started = time.perf_counter()
     pipeline = family.load_pipeline(settings)
-    pipeline.setup()
+    admission = memory.daemon_admission(redis, settings, name, family.name)
+    with loading(admission, pipeline, family.name, settings):
+        pipeline.setup()
     log.info("%s: %s pipeline ready in %.1fs (load and warm-up)", name, family.name, time.perf_counter() - started)
     count = settings.worker_threads or family.threads
     runtime = Runtime(settings=settings, redis=redis, family=family, pipeline=pipeline,
                       uploader=Uploader(settings, redis), worker_id=worker_id,
                       turn=GpuTurn() if family.takes_turns and count > 1 else NoTurn())
-    runtime.gpu = GpuGate(runtime, memory.daemon_admission(redis, settings, name, family.name))
+    runtime.gpu = GpuGate(runtime, admission)
     runtime.gpu.workers = count
     install(runtime)
     queue = Queue(family.raw_queue, connection=redis, serializer=JSONSerializer)

@@ -120,6 +120,7 @@ class GpuGate:
             yield
         finally:
             self.reserved.discard(request.job_id)
+            free_cached_memory()  # what admission now counts as free must be free for the other processes
             self.admission.release(request.job_id)
 
     def _bring_back(self) -> float:
@@ -141,6 +142,7 @@ class GpuGate:
     def _offload(self) -> None:
         started = time.monotonic()
         self.runtime.pipeline.move_to("cpu")
+        free_cached_memory()
         self.on_cpu = True
         self.admission.set_resident(table_overhead(), 0)
         log.info("moved idle %s weights to CPU in %.2fs to make room for another daemon's job",
@@ -150,9 +152,7 @@ class GpuGate:
     def record_outcome(self, exc: BaseException | None) -> bool:
         """True when OOMs keep coming: the daemon should exit so the orchestrator restarts it."""
         if exc is not None and memory.is_oom(exc):
-            import torch
-
-            torch.cuda.empty_cache()  # give the failed job's blocks back before the next job
+            free_cached_memory()  # give the failed job's blocks back before the next job
         return self.oom.record(exc)
 
     # --- status ---------------------------------------------------------------------------
@@ -185,6 +185,52 @@ class GpuGate:
             if self.admission is not None:
                 self._heartbeat.set()
                 self.admission.leave()
+
+
+@contextlib.contextmanager
+def loading(admission: memory.Admission | None, pipeline, family: str, settings):
+    """Loading and warming up are GPU work too: reserve the weights and the warm-up's peak first, so
+    daemons starting together on one card (or one restarting next to running jobs) take turns
+    instead of running out of memory."""
+    if admission is None:
+        yield
+        return
+    key = f"warmup:{admission.holder}"
+    weights = memory.resident_bytes(family, settings) - table_overhead()
+    if hasattr(pipeline, "fit_warmup"):
+        plan = memory.card_plan(admission.redis, settings.worker_host, settings.gpu_index)
+        room = (plan.ceiling() if plan else admission.capacity) - memory.resident_bytes(family, settings)
+        pipeline.fit_warmup(lambda shape: memory.job_peak_bytes(shape) <= room)
+    peak = warmup_peak_bytes(pipeline, family)
+    waited = time.monotonic()
+    while not (decision := admission.try_reserve(key, peak, load_bytes=weights)):
+        if decision.impossible:
+            raise RuntimeError(f"{family}: the weights ({memory.gib(weights)}) and the warm-up "
+                               f"({memory.gib(peak)}) can never fit this card's {memory.gib(admission.capacity)}")
+        time.sleep(WAIT_S)
+    log.info("%s: %s of weights and %s of warm-up reserved after %.1fs", family, memory.gib(weights),
+             memory.gib(peak), time.monotonic() - waited)
+    try:
+        yield
+    finally:
+        free_cached_memory()
+        admission.release(key)
+
+
+def warmup_peak_bytes(pipeline, family: str) -> int:
+    """The warm-up's working memory: the pipeline's own shape, else today's largest reference job."""
+    shape = pipeline.warmup_shape() if hasattr(pipeline, "warmup_shape") else None
+    if shape is None:
+        shape = memory.shape(family, **memory.table()["reference_jobs"][family])
+    return memory.job_peak_bytes(shape)
+
+
+def free_cached_memory() -> None:
+    """Hand PyTorch's cached blocks back to the driver: another process on this card may need them."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def table_overhead() -> int:

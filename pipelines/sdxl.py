@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -103,6 +104,7 @@ class SdxlPipeline:
         self.txt2img: StableDiffusionXLPipeline | None = None
         self.img2img: StableDiffusionXLImg2ImgPipeline | None = None
         self.vae_fp32 = False  # set once the VAE has overflowed in half precision
+        self._fitted_warmup: tuple[int, int, int] | None = None  # set by fit_warmup()
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -155,15 +157,40 @@ class SdxlPipeline:
                 torch.cuda.empty_cache()
         log.info("SDXL ready on %s (%s), warmed up at %dx%d x%d", self.device, self.dtype, width, height, images)
 
+    def warmup_shape(self) -> SimpleNamespace:
+        """The warm-up job's shape, for memory admission before setup() (consumers/gpu.py)."""
+        width, height, images = self._warmup_shape()
+        return SimpleNamespace(family=self.family, width=width, height=height, num_images=images)
+
+    def fit_warmup(self, fits: Callable[[SimpleNamespace], bool]) -> None:
+        """Where the largest job allowed could never run on this card (a 48 GB card shared with WAN
+        and Qwen), warm up at the largest that can: such jobs are refused there anyway.
+        SDXL_WARMUP_* set by the operator always wins."""
+        s = self.sdxl_settings
+        if self.settings.sdxl_model_path == TINY or s.warmup_width or s.warmup_height or s.warmup_images:
+            return
+        side = self._largest_side()
+        for candidate in ((side, side, 6), (1024, 1024, 6), (1024, 1024, 3), (1024, 1024, 1)):
+            width, height, images = candidate
+            if fits(SimpleNamespace(family=self.family, width=width, height=height, num_images=images)):
+                self._fitted_warmup = candidate
+                return
+        self._fitted_warmup = (1024, 1024, 1)  # admission then says why even this cannot start
+
     def _warmup_shape(self) -> tuple[int, int, int]:
         s = self.sdxl_settings
         if self.settings.sdxl_model_path == TINY:
             side, images = 64, 1
+        elif self._fitted_warmup is not None:
+            return self._fitted_warmup
         else:
-            side = min(math.isqrt(LIMITS.sdxl_max_pixels), LIMITS.sdxl_max_side) // 8 * 8
-            images = 6
+            side, images = self._largest_side(), 6
         images = s.warmup_images or images
         return s.warmup_width or side, s.warmup_height or side, max(n for n in (1, 3, 6) if n <= images)
+
+    @staticmethod
+    def _largest_side() -> int:
+        return min(math.isqrt(LIMITS.sdxl_max_pixels), LIMITS.sdxl_max_side) // 8 * 8
 
     # --- requests -----------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Annotated, Callable
 
+from types import SimpleNamespace
+
 import PIL.Image
 import torch
 from PIL import ImageOps
@@ -180,6 +182,10 @@ class WanVideoPipeline:
             accelerate_wan(pipe, accel)
         log.info("wan ready on %s (%s): t2v=%s vace=%s modes=%s text_encoder_offload=%s", self.device,
                  self.dtype, bool(t2v), bool(vace), ",".join(self.wan.modes_served), self.wan.text_encoder_offload)
+
+    def warmup_shape(self) -> SimpleNamespace:
+        """setup() runs no video: nothing beyond the weights to reserve while loading."""
+        return SimpleNamespace(family=self.family, width=0, height=0, num_frames=0)
 
     def _resolve(self, path: str | None, family: str, builder, env: str, expected: str) -> str | None:
         if not path:

@@ -9,7 +9,7 @@ import pytest
 
 import memory
 from consumers.families import FAMILIES
-from consumers.gpu import GpuGate, NeverFits
+from consumers.gpu import GpuGate, NeverFits, loading
 from schemas.settings import Settings
 from tests.integration import encode, load_payload
 
@@ -109,3 +109,55 @@ def test_an_idle_daemon_moves_its_weights_to_cpu_when_another_job_needs_room(r, 
     with idle.hold(request, job):
         assert not idle.on_cpu
     assert job.meta["weights_reload_s"] >= 0
+
+
+class Recorder:
+    """A pipeline stand-in whose setup() records what the card held while it loaded."""
+
+    def __init__(self, r, family: str):
+        self.r, self.family, self.seen = r, family, None
+
+    def warmup_shape(self):
+        return memory.shape("sdxl", width=1024, height=1024, num_images=6)
+
+    def setup(self):
+        self.seen = memory.gpu_snapshot(self.r, memory.GPU_KEY.format(host="testhost", gpu=0))
+
+
+def test_loading_reserves_the_weights_and_the_warm_up_then_hands_the_warm_up_back(r):
+    capacity = 48 * memory.GIB
+    adm = memory.Admission(r, "testhost", 0, capacity, "sdxl-loader", family="sdxl")
+    pipeline = Recorder(r, "sdxl")
+    with loading(adm, pipeline, "sdxl", SETTINGS):
+        pipeline.setup()
+    held = pipeline.seen["holders"]["sdxl-loader"]
+    assert held["jobs"] == {"warmup:sdxl-loader": memory.job_peak_bytes(pipeline.warmup_shape())}
+    assert held["resident"] >= memory.resident_bytes("sdxl", SETTINGS) - memory.table()["process_overhead_bytes"]
+    after = adm.snapshot()["holders"]["sdxl-loader"]
+    assert after["jobs"] == {}  # the warm-up's memory is free again for jobs
+    adm.leave()
+
+
+def test_a_daemon_that_can_never_warm_up_on_this_card_refuses_to_start(r):
+    adm = memory.Admission(r, "testhost", 0, 8 * memory.GIB, "sdxl-small", family="sdxl")
+    with pytest.raises(RuntimeError, match="can never fit"):
+        with loading(adm, Recorder(r, "sdxl"), "sdxl", SETTINGS):
+            pass
+    adm.leave()
+
+
+def test_on_a_shared_48gb_card_sdxl_warms_up_at_the_largest_job_that_can_run_there(r):
+    from pipelines.sdxl import SdxlPipeline
+
+    settings = Settings(SDXL_MODEL_PATH="/models/sdxl", GENQ_HOST="testhost")
+    plan = memory.GpuPlan(memory.GpuInfo(0, "simulated 48GB", 48 * memory.GIB), ("sdxl", "wan", "chat"))
+    r.set(memory.PLAN_KEY.format(host="testhost"), json.dumps([plan.to_json()]))
+    pipeline = SdxlPipeline(settings)
+    largest = pipeline.warmup_shape()
+    assert memory.job_need_bytes(largest, settings) > plan.ceiling()  # the default could never run here
+    adm = memory.Admission(r, "testhost", 0, plan.gpu.usable_bytes, "sdxl-48", family="sdxl")
+    with loading(adm, pipeline, "sdxl", settings):
+        fitted = pipeline.warmup_shape()
+    assert (fitted.width, fitted.height, fitted.num_images) == (1024, 1024, 6)
+    assert memory.job_need_bytes(fitted, settings) <= plan.ceiling()
+    adm.leave()
