@@ -2,7 +2,8 @@
 on pipelines.accel.FastDecoder), same process, same card.
 
     python -m bench.qwen [--tiny] [--runs 3] [--prompt-tokens 300] [--new-tokens 256] [--batch 16]
-                         [--compile-mode reduce-overhead] [--no-tune-single-row] [--budget-s 290] [--out DIR]
+                         [--compile-mode reduce-overhead] [--no-tune-single-row] [--attention packed|repeat]
+                         [--budget-s 290] [--out DIR]
 
 Stages: build; baseline generate() at 1 stream, its time to first token, at --batch streams; the
 engine's start-up (KV pool, compile of the 1-row and --batch-row decode shapes); the engine at 1
@@ -36,6 +37,7 @@ def main() -> None:
                                            ap.add_argument("--batch", type=int, default=16),
                                            ap.add_argument("--no-tune-single-row", action="store_true",
                                                            help="no coordinate-descent tuning of the 1-row graph"),
+                                           ap.add_argument("--attention", default="packed", choices=("packed", "repeat")),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')")))
     dev = args.device
@@ -92,7 +94,8 @@ def main() -> None:
     length = next(n for n in length_buckets(512, context) if n >= width + n_new)
     opts = BatchOptions(enabled=True, max_batch=streams, window_ms=2.0, cache_tokens=streams * length,
                         compile=dev.startswith("cuda"), compile_mode=args.compile_mode or "reduce-overhead",
-                        tune_single_row=not args.no_tune_single_row, warmup=((1, length), (streams, length)))
+                        tune_single_row=not args.no_tune_single_row, attention=args.attention,
+                        warmup=((1, length), (streams, length)))
 
     def engine_setup():
         reset_memory(dev)
@@ -106,7 +109,7 @@ def main() -> None:
                 "pool_tokens": decoder.pool_tokens, "kv_pool_gib": round(decoder.pool_tokens *
                                                                          decoder.kv_bytes_per_token / 2**30, 3),
                 "compile_mode": opts.compile_mode if decoder.compiled else "eager",
-                "tune_single_row": opts.tune_single_row, **memory(dev)}
+                "tune_single_row": opts.tune_single_row, "attention": opts.attention, **memory(dev)}
 
     rep.stage("engine_setup", engine_setup)
     engine: BatchEngine | None = st.get("engine")

@@ -719,7 +719,9 @@ class DecodeBatch:
         cdf = probs.cumsum(dim=-1)
         u = self.uniform[rows].gather(1, self.gen[rows][:, None].clamp(max=self.L - 1))
         j = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-        j = torch.minimum(j, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+        # Never past the last token with probability (nor below 0 if a row's logits were NaN: an
+        # out-of-range index would be a device-side assert, fatal to the process's CUDA context).
+        j = torch.minimum(j, (probs > 0).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
         return torch.where(self.sampled[rows], cand.gather(1, j)[:, 0], greedy)
 
     def _accept(self, rows, token: torch.Tensor, column: int) -> None:
@@ -731,9 +733,13 @@ class DecodeBatch:
         gen = self.gen[rows] + live
         self.gen[rows] = gen
         self.done[rows] = ~live | torch.isin(token, self.eos) | (gen >= self.limit[rows])
+        # Kept up only while a row needs them: a row's own state starts at its admission (prompt ids
+        # in `seen`, zero counts), and rows without the penalty multiply stale entries by neutral values.
         pairs = self.rows[rows]
-        self.seen[pairs, token] = True
-        self.counts[pairs, token] += live.float()
+        if self.work.repetition:
+            self.seen[pairs, token] = True
+        if self.work.openai:
+            self.counts[pairs, token] += live.float()
 
     def step(self) -> None:
         """One decode step for every row (finished and empty rows decode padding)."""

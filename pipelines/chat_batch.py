@@ -659,7 +659,13 @@ def build_engine(models: Mapping[str, Any], options: BatchOptions, *, cache_dir:
         configure_compile_cache(cache_dir)
     engine = BatchEngine(entries, options).start()
     started = time.perf_counter()
-    spent = engine.warm_up()
+    try:
+        spent = engine.warm_up()
+    except Exception:  # the daemon still serves, through generate(); the log says why it is slower
+        log.exception("chat batching OFF: the engine's warm-up failed; every job uses generate()")
+        engine.close()
+        engine.release_memory()
+        return None
     log.info("chat batching on: %s; warm-up %.1fs %s", {k: f"pool {e.decoder.pool_tokens} tokens" for k, e in
                                                        entries.items()}, time.perf_counter() - started, spent)
     return engine

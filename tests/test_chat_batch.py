@@ -184,7 +184,9 @@ def test_progress_reaches_the_caller_at_sync_points(pipes):
 
 def test_a_row_joins_a_running_batch(pipes, monkeypatch):
     pipe = pipes["endless"]
-    first, second = request(turns=3, max_new_tokens=60), request("Hi", max_new_tokens=20)
+    # The joiner brings penalties the running row does not use: its state starts at its admission.
+    first = request(turns=3, max_new_tokens=60)
+    second = request("Hi", max_new_tokens=20, presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=1.2)
     want = [pipes["endless_direct"].run(r) for r in (first, second)]
     decoder = pipe.engine.models["qwen_instruct"].decoder
     entered, go = threading.Event(), threading.Event()
