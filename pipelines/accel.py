@@ -266,8 +266,10 @@ class _KVPool:
                 # A plain tensor over the buffer's storage (not a view object), one per shape and layer.
                 t = torch.empty(0, dtype=buf.dtype, device=buf.device)
                 t.set_(buf.untyped_storage(), 0, (batch, heads, length, dim))
-                if self.static:  # CUDA graphs read it in place instead of copying it in every replay
-                    torch._dynamo.mark_static_address(t)
+                if self.static:  # CUDA graphs read it in place instead of copying it in every replay;
+                    # unguarded: a new pool (after the weights went to CPU and back) re-records the
+                    # graphs instead of compiling them again
+                    torch._dynamo.mark_static_address(t, guard=False)
                 views.append(t)
             self._views[(batch, length)] = views
         return self._views[(batch, length)]
@@ -361,9 +363,8 @@ class FastDecoder:
         return same
 
     def release_memory(self) -> None:
-        """Drop the pool (weights moving to CPU); compiled shapes are traced again on next use."""
+        """Drop the pool (weights moving to CPU); the next batch allocates it again."""
         self._pool = None
-        self._ready.clear()
 
     def reset(self) -> None:
         """After a failed batch: zero the pool so nothing a failure left behind can reach a later row."""
