@@ -279,3 +279,23 @@ def test_options_come_from_the_environment():
         BatchOptions.from_env({"GENQ_CHAT_MAX_BATCH": "0"})
     with pytest.raises(ValueError, match="GENQ_CHAT_BATCH="):
         BatchOptions.from_env({"GENQ_CHAT_BATCH": "maybe"})
+
+
+def test_without_the_engine_concurrent_runs_take_turns(pipes):
+    reqs = [request(temperature=1.0, seed=s, max_new_tokens=10) for s in (1, 2, 3)]
+    want = [pipes["direct"].run(r).token_ids for r in reqs]
+    out: list = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, pipes["direct"].run(reqs[i]))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [o.token_ids for o in out] == want  # each seeded generate() ran alone
+
+
+def test_weights_moving_to_cpu_and_back_keep_the_engine_working(pipes):
+    pipe = pipes["batched"]
+    pipe.move_to("cpu")  # frees the KV pool; the next batch allocates it again
+    assert pipe.engine.models["qwen_instruct"].decoder._pool is None
+    pipe.move_to(pipe.device)
+    assert pipe.run(request()).token_ids == pipes["direct"].run(request()).token_ids
