@@ -6,12 +6,15 @@ difference is measured separately.  On a CPU the helpers apply only the eager, n
 equivalent changes and never compile, so tests exercise the same code paths as the GPU daemon.
 
 Switches (environment, read by AccelOptions.from_env):
-  GENQ_ACCEL=1               fused QKV, channels-last, bf16 VAE decode, attention backend, FastDecoder
+  GENQ_ACCEL=1               fused QKV, channels-last, bf16 VAE decode, attention backend
   GENQ_COMPILE=1             torch.compile on top (CUDA only)
   GENQ_COMPILE_MODE          torch.compile mode (default: inductor's default mode)
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
+
+FastDecoder (Qwen 2.5 decoding) is the chat batching engine's decoder; its switches are GENQ_CHAT_*
+(pipelines/chat_batch.py, docs/CHAT.md "Batching"), not the ones above.
 """
 from __future__ import annotations
 
