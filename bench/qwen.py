@@ -10,8 +10,8 @@ engine's start-up (KV pool, compile of the --batch-row decode shape); the engine
 (--batch threads submitting at once, as the daemon's worker threads do): total tokens/s, per-request
 latency, time to first token; compile of the 1-row shape; the engine at 1 stream; equality (greedy
 engine output against the argmax of a full uncached forward at every step); optional: the decoder's
-static batch without the engine thread, staggered arrivals (rows joining a running batch), a memory
-grid.
+static batch without the engine thread, --batch streams with Qwen Instruct's sampling settings,
+staggered arrivals (rows joining a running batch), a memory grid.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from bench.harness import Report, compare, memory, parse_args, ratio, reset_memory, sync, timed
 from bench.models import build_qwen
-from pipelines.accel import DecodeBatch, DecodeRow, FastDecoder, length_buckets
+from pipelines.accel import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
 from pipelines.chat_batch import BatchEngine, BatchOptions, EngineModel, RowRequest
 
 
@@ -204,6 +204,11 @@ def main() -> None:
                                dev, args.runs), streams)
 
         rep.stage(f"decoder_{streams}streams_static", static_batch, optional_cost_s=30)
+        # Qwen 2.5 Instruct's own sampling settings on every row: the cost of sampling on the device.
+        chat_rule = [Sampling(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=i)
+                     for i in range(streams)]
+        rows_sampled = [RowRequest("qwen", DecodeRow(r.row.prompt, n_new, rule)) for r, rule in zip(rowsb, chat_rule)]
+        rep.stage(f"engine_{streams}streams_sampled", lambda: engine_stage(rows_sampled, 2), optional_cost_s=30)
         # Arrivals 20 ms apart: later rows join the running batch at sync points (continuous batching).
         rep.stage(f"engine_{streams}streams_staggered", lambda: engine_stage(rowsb, 1, gap_s=0.02),
                   optional_cost_s=30)
