@@ -38,7 +38,8 @@ def main() -> None:
                                            ap.add_argument("--batch", type=int, default=16),
                                            ap.add_argument("--no-tune-single-row", action="store_true",
                                                            help="no coordinate-descent tuning of the 1-row graph"),
-                                           ap.add_argument("--attention", default="packed", choices=("packed", "repeat")),
+                                           ap.add_argument("--attention", default="packed",
+                                                           choices=("packed", "repeat")),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')")))
     dev = args.device

@@ -635,7 +635,8 @@ def row_request(engine: BatchEngine | None, prepared, config, stop_text: str | N
     return RowRequest(request.model, DecodeRow(prepared.input_ids, request.max_new_tokens, sampling), stop)
 
 
-def build_engine(models: Mapping[str, Any], options: BatchOptions, *, cache_dir: str | None = None) -> BatchEngine | None:
+def build_engine(models: Mapping[str, Any], options: BatchOptions, *,
+                 cache_dir: str | None = None) -> BatchEngine | None:
     """One engine for the loaded chat models (each with .model, .tokenizer, .context_limit); models of
     another architecture keep generate(). Starts the thread, allocates the pools, warms the shapes."""
     entries = {}

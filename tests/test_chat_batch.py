@@ -269,12 +269,14 @@ def test_close_fails_waiting_callers_clearly(engine):
 
 
 def test_options_come_from_the_environment():
-    opts = BatchOptions.from_env({"GENQ_CHAT_BATCH": "1", "GENQ_CHAT_MAX_BATCH": "8", "GENQ_CHAT_BATCH_WINDOW_MS": "2.5",
+    opts = BatchOptions.from_env({"GENQ_CHAT_BATCH": "1", "GENQ_CHAT_MAX_BATCH": "8",
+                                  "GENQ_CHAT_BATCH_WINDOW_MS": "2.5",
                                   "GENQ_CHAT_CACHE_TOKENS": "65536", "GENQ_CHAT_WARMUP": "1x1024, 8x2048",
                                   "GENQ_CHAT_COMPILE_MODE": "max-autotune-no-cudagraphs"})
     assert (opts.enabled, opts.max_batch, opts.window_ms, opts.cache_tokens) == (True, 8, 2.5, 65536)
     assert opts.warmup == ((1, 1024), (8, 2048)) and opts.compile_mode == "max-autotune-no-cudagraphs"
-    assert BatchOptions.from_env({}) == BatchOptions() and BatchOptions.from_env({"GENQ_CHAT_WARMUP": "none"}).warmup == ()
+    assert BatchOptions.from_env({}) == BatchOptions()
+    assert BatchOptions.from_env({"GENQ_CHAT_WARMUP": "none"}).warmup == ()
     with pytest.raises(ValueError, match="GENQ_CHAT_MAX_BATCH"):
         BatchOptions.from_env({"GENQ_CHAT_MAX_BATCH": "0"})
     with pytest.raises(ValueError, match="GENQ_CHAT_BATCH="):
