@@ -28,6 +28,7 @@ TABLE_PATH = Path(os.environ.get("GENQ_MEMORY_TABLE", Path(__file__).with_name("
 GPU_KEY = "genq:gpu:{host}:{gpu}"            # admission state of one card (JSON, see Admission)
 PLAN_KEY = "genq:plan:{host}"                # the orchestrator's placement (JSON list of GpuPlan)
 SUPERVISOR_KEY = "genq:orchestrator:{host}"  # hash: pid, heartbeat, children (JSON)
+CHAT_CACHE_TOKENS_DEFAULT = 65536  # BatchOptions.cache_tokens; memory.py must not import torch
 DAEMON_KEY = "genq:daemon:{worker}"          # hash each daemon keeps fresh, fields below
 DAEMON_FIELDS = ("family", "gpu", "host", "resident_bytes", "models", "current_job", "progress", "updated_at")
 
@@ -148,8 +149,22 @@ def _family_parts(family: str, settings: Any) -> dict[str, str]:
 def resident_parts(family: str, settings: Any) -> dict[str, int]:
     """Weights each part keeps on the GPU; "tiny" models count as a few MiB."""
     t = table()
-    return {part: t["tiny_part_bytes"] if path == "tiny" else t["parts"][part]["bytes"]
-            for part, path in _family_parts(family, settings).items()}
+    parts = {part: t["tiny_part_bytes"] if path == "tiny" else t["parts"][part]["bytes"]
+             for part, path in _family_parts(family, settings).items()}
+    if family == "chat" and parts and not all(p == "tiny" for p in _family_parts(family, settings).values()):
+        pool = chat_kv_pool_bytes()
+        if pool:
+            parts["chat.kv_pool"] = pool
+    return parts
+
+
+def chat_kv_pool_bytes(environ: Any = None) -> int:
+    """The chat engine's KV pool, allocated at start and kept (pipelines/chat_batch.py, BatchOptions)."""
+    env = os.environ if environ is None else environ
+    if env.get("GENQ_CHAT_BATCH", "").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    tokens = int(env.get("GENQ_CHAT_CACHE_TOKENS") or CHAT_CACHE_TOKENS_DEFAULT)
+    return tokens * int(table().get("chat_kv_bytes_per_token", 0))
 
 
 def resident_bytes(family: str, settings: Any) -> int:

@@ -91,10 +91,8 @@ class Profile:
 FULL = Profile(sdxl_res="1024x1024", sdxl6=3, sdxl6_steps=25, sdxl1=4, sdxl1_steps=15,
                videos=((5.0, 8), (2.0, 8)), chats=16, chat_tokens=64, overhead_jobs=8,
                overlap_jobs=4, overlap_images=6, overlap_steps=15, stream_timeout_s=300,
-               ready_timeout_s=300, need_scenario_s=170, need_overhead_s=40, need_overlap_s=60,
-               # A 48 GB card cannot warm SDXL up at the largest allowed shape (1536^2 x6, ~49 GB
-               # alone): an operator there warms up at the reference job, which the plan guarantees.
-               warmup={"48GB": (1024, 1024, 6)})
+               ready_timeout_s=300, need_scenario_s=170, need_overhead_s=40, need_overlap_s=60)
+               # No SDXL_WARMUP_*: on the 48 GB card the daemon picks the largest job that fits there.
 TINY = Profile(sdxl_res="64x64", sdxl6=2, sdxl6_steps=3, sdxl1=2, sdxl1_steps=2,
                videos=((0.3, 2), (0.3, 2)), chats=6, chat_tokens=8, overhead_jobs=3,
                overlap_jobs=4, overlap_images=6, overlap_steps=2, stream_timeout_s=150,

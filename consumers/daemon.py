@@ -66,4 +66,9 @@ def run(family_name: str, settings: Settings, burst: bool = False, log_level: st
     delivered = workers[0].runtime.uploader.deliver_outbox()
     if delivered:
         log.info("delivered %d callback(s) left over from an earlier run", delivered)
-    return Crew(workers).work(burst=burst, logging_level=log_level, with_scheduler=False)
+    try:
+        return Crew(workers).work(burst=burst, logging_level=log_level, with_scheduler=False)
+    finally:
+        close = getattr(workers[0].runtime.pipeline, "close", None)
+        if close is not None:
+            close()  # the chat engine's thread fails whatever still waits, clearly

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,6 +33,8 @@ from .accel import AccelOptions
 from .chat_batch import BatchEngine, BatchOptions, RowRequest, build_engine, row_request
 from .loading import pick_device, pick_dtype, resolve_model_path
 from .tiny_qwen import build_tiny_qwen
+
+log = logging.getLogger(__name__)
 
 OnToken = Callable[[int, int], None]
 # request.model -> the setting that serves it; tiny base and instruct differ by seed only.
@@ -148,7 +153,9 @@ class ChatPipeline:
                                         setting=MODEL_SETTINGS[key].upper())
             tokenizer = AutoTokenizer.from_pretrained(folder)
             tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+            started = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)).eval()
+            log.info("chat %s weights on %s in %.1fs", key, device, time.perf_counter() - started)  # cold start
             limit = min(self._context_limit or 2**62, int(model.config.max_position_embeddings))
             name = f"tiny-{key}" if path == "tiny" else Path(str(folder)).name
             loaded = LoadedModel(key, name, model, tokenizer, limit, device)
@@ -156,6 +163,16 @@ class ChatPipeline:
             self._models[key] = loaded
         if self.batching.active(device):
             self.engine = build_engine(self._models, self.batching, cache_dir=AccelOptions.from_env().cache_dir)
+
+    def warmup_shape(self) -> Any:
+        """The warm-up's largest prompt, for memory admission before setup() (consumers/gpu.py)."""
+        limits = [self._context_limit or 2**62]
+        for path in self._configured().values():
+            config = Path(str(path)) / "config.json"
+            if config.is_file():
+                limits.append(int(json.loads(config.read_text()).get("max_position_embeddings", limits[0])))
+        tokens = min(self._warmup_tokens or 2**62, *limits)
+        return SimpleNamespace(family=self.family, tokens=tokens if tokens < 2**62 else 32768)
 
     def close(self) -> None:
         """Stop the batching engine (requests still waiting fail with chat_batch.EngineClosed)."""

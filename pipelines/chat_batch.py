@@ -94,7 +94,7 @@ class BatchOptions:
     max_batch: int = 16
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
     window_ms: float = 5.0
-    cache_tokens: int = 131072  # the KV pool: rows x cache length of any batch shape
+    cache_tokens: int = 65536  # the KV pool: rows x cache length of any batch shape (memory.py counts it)
     min_cache_len: int = 512
     sync_tokens: int = 16
     prefill_tokens: int = 16384

@@ -74,10 +74,17 @@ def test_resident_counts_configured_parts_and_tiny_models():
     real = Settings(**REAL, QWEN_BASE_MODEL_PATH="/models/qwen-base")
     tiny = Settings(SDXL_MODEL_PATH="tiny", QWEN_INSTRUCT_MODEL_PATH="tiny")
     t = memory.table()
-    assert set(memory.resident_parts("chat", real)) == {"qwen_instruct", "qwen_base"}
+    assert set(memory.resident_parts("chat", real)) == {"qwen_instruct", "qwen_base", "chat.kv_pool"}
+    assert memory.resident_parts("chat", real)["chat.kv_pool"] == 65536 * 57344  # the engine's KV pool, 3.5 GiB
+    assert "chat.kv_pool" not in memory.resident_parts("chat", tiny)
     assert memory.resident_parts("wan", real)["wan.text_encoder"] == t["parts"]["wan.text_encoder"]["bytes"]
     assert memory.resident_bytes("sdxl", tiny) == t["process_overhead_bytes"] + 3 * t["tiny_part_bytes"]
     assert memory.resident_parts("wan", tiny) == {}
+
+
+def test_the_chat_kv_pool_follows_the_engine_settings():
+    assert memory.chat_kv_pool_bytes({"GENQ_CHAT_CACHE_TOKENS": "32768"}) == 32768 * 57344
+    assert memory.chat_kv_pool_bytes({"GENQ_CHAT_BATCH": "0"}) == 0
 
 
 def test_oom_policy_and_detection():
