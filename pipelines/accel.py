@@ -12,6 +12,7 @@ Switches (environment, read by AccelOptions.from_env):
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
+  GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
 
 FastDecoder (Qwen 2.5 decoding) is the chat batching engine's decoder; its switches are GENQ_CHAT_*
 (pipelines/chat_batch.py, docs/CHAT.md "Batching"), not the ones above.
@@ -39,6 +40,10 @@ class AccelOptions:
     cache_dir: str | None = None
     wan_attention_backend: str = "_native_cudnn"
     wan_vae_bf16: bool = False
+    # cuDNN autotuning tries algorithms whose workspaces reach tens of GB for each new convolution
+    # shape (+35 GiB for a moment in a WAN VAE decode on an H200, beyond any admission budget): only
+    # for a daemon that has its card to itself.
+    cudnn_benchmark: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "AccelOptions":
@@ -51,6 +56,7 @@ class AccelOptions:
             cache_dir=env.get("GENQ_COMPILE_CACHE_DIR") or None,
             wan_attention_backend=env.get("GENQ_WAN_ATTENTION", "_native_cudnn"),
             wan_vae_bf16=env.get("GENQ_WAN_VAE_BF16", "0").strip().lower() in _TRUE,
+            cudnn_benchmark=env.get("GENQ_CUDNN_BENCHMARK", "0").strip().lower() in _TRUE,
         )
 
 
@@ -112,7 +118,7 @@ def accelerate_sdxl(pipe, opts: AccelOptions) -> list[str]:
     applied.append("bf16_vae")
     if not _on_cuda(pipe.unet):
         return applied
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = opts.cudnn_benchmark
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     applied.append("channels_last")
@@ -148,7 +154,7 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
         applied.append("bf16_vae")
     if not _on_cuda(pipe.transformer):
         return applied
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = opts.cudnn_benchmark
     if opts.wan_attention_backend:
         pipe.transformer.set_attention_backend(opts.wan_attention_backend)
         applied.append(f"attention:{opts.wan_attention_backend}")
