@@ -128,3 +128,26 @@ def test_a_failed_enhancement_fails_the_generation_job_with_a_reason(stack):
     for d in (chat, sdxl):
         d.terminate()
         assert d.wait(60) == 0
+
+
+def test_waiting_chats_are_decoded_together_and_answer_as_they_would_alone(stack):
+    """Four chats waiting at once go through the batching engine as one batch of 4 (its window
+    closes when the batch is full), and each gets exactly the answer it gets decoded alone."""
+    engine = {"GENQ_CHAT_BATCH": "1", "GENQ_CHAT_MAX_BATCH": "4"}
+
+    def jobs() -> list[dict]:
+        return [chat_job(max_tokens=6 + 2 * i, temperature=0, seed=i) for i in range(4)]
+
+    alone = jobs()
+    for job in alone:
+        stack.r.rpush("chat_queue", json.dumps(job))
+    stack.run_burst("chat", GENQ_WORKER_THREADS="1", GENQ_CHAT_BATCH_WINDOW_MS="0", **engine)
+    together = jobs()
+    for job in together:
+        stack.r.rpush("chat_queue", json.dumps(job))
+    stack.run_burst("chat", GENQ_WORKER_THREADS="4", GENQ_CHAT_BATCH_WINDOW_MS="600000", **engine)
+    for single, batched in zip(alone, together):
+        a, b = reply(stack, single), reply(stack, batched)
+        assert a["success"] and b["success"], (a, b)
+        assert a["model_info"]["batch_size"] == 1 and b["model_info"]["batch_size"] == 4
+        assert (b["response"], b["tokens_generated"]) == (a["response"], a["tokens_generated"])
