@@ -380,15 +380,12 @@ class Tracker:
         return None
 
     def wait_any(self, ids: list[str], deadline: float) -> bool:
-        while time.monotonic() < deadline:
-            if any(self.final(i) for i in ids):
-                return True
-            time.sleep(0.1)
-        return False
+        return self.wait(ids, deadline, done=any)
 
-    def wait(self, ids: list[str], deadline: float) -> bool:
+    def wait(self, ids: list[str], deadline: float, done=all) -> bool:
+        """Poll until done(final results of ids) (the stub server gives no other signal) or the deadline."""
         while time.monotonic() < deadline:
-            if all(self.final(i) for i in ids):
+            if done(self.final(i) for i in ids):
                 return True
             time.sleep(0.1)
         return False
