@@ -28,7 +28,6 @@ TABLE_PATH = Path(os.environ.get("GENQ_MEMORY_TABLE", Path(__file__).with_name("
 GPU_KEY = "genq:gpu:{host}:{gpu}"            # admission state of one card (JSON, see Admission)
 PLAN_KEY = "genq:plan:{host}"                # the orchestrator's placement (JSON list of GpuPlan)
 SUPERVISOR_KEY = "genq:orchestrator:{host}"  # hash: pid, heartbeat, children (JSON)
-CHAT_CACHE_TOKENS_DEFAULT = 65536  # BatchOptions.cache_tokens; memory.py must not import torch
 DAEMON_KEY = "genq:daemon:{worker}"          # hash each daemon keeps fresh, fields below
 DAEMON_FIELDS = ("family", "gpu", "host", "resident_bytes", "models", "current_job", "progress", "updated_at")
 
@@ -159,12 +158,14 @@ def resident_parts(family: str, settings: Any) -> dict[str, int]:
 
 
 def chat_kv_pool_bytes(environ: Any = None) -> int:
-    """The chat engine's KV pool, allocated at start and kept (pipelines/chat_batch.py, BatchOptions)."""
-    env = os.environ if environ is None else environ
-    if env.get("GENQ_CHAT_BATCH", "").strip().lower() in ("0", "false", "no", "off"):
+    """The chat engine's KV pool, allocated at start and kept (GENQ_CHAT_*, pipelines/chat_options.py).
+    Counted unless batching is switched off: on a GPU it is on by default."""
+    from pipelines.chat_options import BatchOptions  # torch-free: the orchestrator imports this module
+
+    options = BatchOptions.from_env(environ)
+    if options.enabled is False:
         return 0
-    tokens = int(env.get("GENQ_CHAT_CACHE_TOKENS") or CHAT_CACHE_TOKENS_DEFAULT)
-    return tokens * int(table().get("chat_kv_bytes_per_token", 0))
+    return options.cache_tokens * int(table().get("chat_kv_bytes_per_token", 0))
 
 
 def resident_bytes(family: str, settings: Any) -> int:

@@ -307,18 +307,17 @@ def collect_status(redis) -> dict:
         w = crew[0]
         jobs = [j for j in (x.get_current_job_id() for x in crew) if j]
         states = {x.state for x in crew}
+        beat = max((x.last_heartbeat for x in crew if x.last_heartbeat), default=None)
         rows.append({
             "worker": name, "host": w.hostname, "pid": w.pid,
             "state": "busy" if "busy" in states else w.state, "workers": len(crew),
             "family": d.get("family") or name.split("-", 1)[0], "gpu": d.get("gpu"),
-            "last_heartbeat": max((x.last_heartbeat for x in crew if x.last_heartbeat), default=None),
+            "last_heartbeat": beat.isoformat() if beat else None,
             "current_job": ",".join(jobs) or d.get("current_job") or None,
             "progress": d.get("progress"), "models": d.get("models"),
             "resident_bytes": h.get("resident", int(d.get("resident_bytes") or 0)),
             "reserved_bytes": h.get("reserved", 0), "waiting": h.get("wait"), "asked_to_offload": h.get("ask"),
         })
-        if rows[-1]["last_heartbeat"] is not None:
-            rows[-1]["last_heartbeat"] = rows[-1]["last_heartbeat"].isoformat()
     return {"supervisors": supervisors, "daemons": rows, "gpus": cards}
 
 

@@ -45,8 +45,7 @@ def build(family_name: str, settings: Settings, redis: Redis | None = None) -> l
     runtime = Runtime(settings=settings, redis=redis, family=family, pipeline=pipeline,
                       uploader=Uploader(settings, redis), worker_id=worker_id,
                       turn=GpuTurn() if family.takes_turns and count > 1 else NoTurn())
-    runtime.gpu = GpuGate(runtime, admission)
-    runtime.gpu.workers = count
+    runtime.gpu = GpuGate(runtime, admission, workers=count)
     install(runtime)
     queue = Queue(family.raw_queue, connection=redis, serializer=JSONSerializer)
     log.info("%s: %d worker(s)%s", name, count, ", taking turns on the GPU" if isinstance(runtime.turn, GpuTurn) else "")

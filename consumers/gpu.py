@@ -28,7 +28,7 @@ class NeverFits(PayloadError):
 
 
 class GpuGate:
-    def __init__(self, runtime, admission: memory.Admission | None):
+    def __init__(self, runtime, admission: memory.Admission | None, workers: int = 1):
         self.runtime = runtime
         self.admission = admission
         self.family = runtime.family.name
@@ -36,7 +36,7 @@ class GpuGate:
         self.on_cpu = False  # weights moved to CPU to make room for another daemon's job
         self.reserved: set[str] = set()
         self.oom = memory.OomPolicy()
-        self.workers = 1  # how many workers of this process share the gate (set by the daemon)
+        self.workers = workers  # how many workers of this process share the gate (consumers/crew.py)
         self.running: dict[str, tuple[str, Any] | None] = {}
         self.left: set[str] = set()
         self._status_lock = threading.Lock()

@@ -30,7 +30,8 @@ from schemas.chat import ChatMessage, ChatRequest
 from schemas.errors import PayloadError
 
 from .accel import AccelOptions
-from .chat_batch import BatchEngine, BatchOptions, RowRequest, build_engine, row_request
+from .chat_batch import BatchEngine, RowRequest, build_engine, row_request
+from .chat_options import BatchOptions
 from .loading import pick_device, pick_dtype, resolve_model_path
 from .tiny_qwen import build_tiny_qwen
 

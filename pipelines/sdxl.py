@@ -159,7 +159,9 @@ class SdxlPipeline:
 
     def warmup_shape(self) -> SimpleNamespace:
         """The warm-up job's shape, for memory admission before setup() (consumers/gpu.py)."""
-        width, height, images = self._warmup_shape()
+        return self._shape(*self._warmup_shape())
+
+    def _shape(self, width: int, height: int, images: int) -> SimpleNamespace:
         return SimpleNamespace(family=self.family, width=width, height=height, num_images=images)
 
     def fit_warmup(self, fits: Callable[[SimpleNamespace], bool]) -> None:
@@ -171,8 +173,7 @@ class SdxlPipeline:
             return
         side = self._largest_side()
         for candidate in ((side, side, 6), (1024, 1024, 6), (1024, 1024, 3), (1024, 1024, 1)):
-            width, height, images = candidate
-            if fits(SimpleNamespace(family=self.family, width=width, height=height, num_images=images)):
+            if fits(self._shape(*candidate)):
                 self._fitted_warmup = candidate
                 return
         self._fitted_warmup = (1024, 1024, 1)  # admission then says why even this cannot start
