@@ -1,5 +1,5 @@
 """Qwen 2.5 7B: generate() with the default cache against the batching engine (pipelines/chat_batch.py
-on pipelines.accel.FastDecoder), same process, same card.
+on pipelines.decoder.FastDecoder), same process, same card.
 
     python -m bench.qwen [--tiny] [--runs 3] [--prompt-tokens 300] [--new-tokens 256] [--batch 16]
                          [--compile-mode reduce-overhead] [--no-tune-single-row] [--attention packed|repeat]
@@ -23,7 +23,7 @@ import torch
 
 from bench.harness import Report, compare, memory, parse_args, ratio, reset_memory, sync, timed
 from bench.models import build_qwen
-from pipelines.accel import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
+from pipelines.decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
 from pipelines.chat_batch import BatchEngine, BatchOptions, EngineModel, RowRequest
 
 

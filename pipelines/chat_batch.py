@@ -3,7 +3,7 @@
 `BatchEngine` owns one background thread that does all GPU work of the chat models. Callers (the
 daemon's worker threads) `submit()` a prepared row and block until their own result; the engine
 gathers waiting rows for a few milliseconds (`GENQ_CHAT_BATCH_WINDOW_MS`), takes up to
-`GENQ_CHAT_MAX_BATCH` rows of one model, and decodes them together through `accel.FastDecoder`.
+`GENQ_CHAT_MAX_BATCH` rows of one model, and decodes them together through `decoder.FastDecoder`.
 At every sync point (every `GENQ_CHAT_SYNC_TOKENS` tokens) it hands each caller its progress, drops
 rows whose caller cancelled, ends rows that met the base model's stop string, and lets waiting rows
 of the same model join the running batch when the cache has room. Callbacks (`on_token`) run in the
@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .accel import DecodeBatch, DecodeRow, FastDecoder, Sampling, UnsupportedModel, configure_compile_cache
+from .accel import configure_compile_cache
+from .decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, UnsupportedModel
 from .chat_options import BatchOptions
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 if TYPE_CHECKING:
     import torch
 
-    from .accel import FastDecoder
+    from .decoder import FastDecoder
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class BatchOptions:
         return device.type == "cuda" if self.enabled is None else self.enabled
 
     def decoder(self, model, context_limit: int) -> FastDecoder:
-        from .accel import FastDecoder
+        from .decoder import FastDecoder
 
         return FastDecoder(
             model, context_limit, max_batch=self.max_batch, batch_buckets=self.batch_buckets,

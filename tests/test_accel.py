@@ -1,4 +1,4 @@
-"""pipelines.accel on CPU: switches, equal results of the eager levers, FastDecoder against generate()."""
+"""pipelines.accel and pipelines.decoder on CPU: switches, equal results of the eager levers, FastDecoder against generate()."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,8 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from bench.harness import compare
 from bench.models import build_qwen, build_sdxl, build_wan
-from pipelines.accel import (AccelOptions, DecodeBatch, DecodeRow, FastDecoder, Sampling, accelerate_sdxl, accelerate_wan,
-                             length_buckets, set_wan_step_cache)
+from pipelines.accel import AccelOptions, accelerate_sdxl, accelerate_wan, set_wan_step_cache
+from pipelines.decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
 
 
 def test_options_come_from_the_environment():

@@ -1,0 +1,625 @@
+"""Qwen 2.5 decoding for the chat batching engine: batched rows, a length-bucketed KV pool, one compiled
+decode step per (rows, length) shape, sampling on the device.
+
+`FastDecoder` drives a transformers Qwen2 (Llama-layout) model's own modules; `DecodeBatch` is one running
+batch that rows join and leave. Its switches are GENQ_CHAT_* (pipelines/chat_options.py, docs/CHAT.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+@dataclass(frozen=True)
+class Sampling:
+    """One row's decoding rule; every field means what it means to transformers' generate().
+
+    temperature 0 is greedy; top_k 0 is off; repetition_penalty is transformers' multiplicative penalty
+    over prompt and output; presence/frequency are OpenAI's, over the output only. A sampled row draws
+    its uniforms from torch.Generator().manual_seed(seed) on the CPU, one per token, so what else is in
+    the batch never changes its draws.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: Sampling = GREEDY
+
+
+class UnsupportedModel(ValueError):
+    """Not the Llama/Qwen2 module layout FastDecoder drives directly; the caller keeps generate()."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def length_buckets(min_len: int, max_len: int) -> tuple[int, ...]:
+    """Cache lengths a row may get: powers of two from min_len, then max_len itself."""
+    out, length = [], max(1, min(min_len, max_len))
+    while length < max_len:
+        out.append(length)
+        length *= 2
+    return tuple(out + [max_len])
+
+
+def _raise_recompile_limit(n: int) -> None:
+    # One compiled graph per (batch, length) shape: more than dynamo's default of 8.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(torch._dynamo.config, name, n) < n:
+            setattr(torch._dynamo.config, name, n)
+
+
+class _KVPool:
+    """Keys and values of every layer in one flat buffer each; a (batch, length) shape is a contiguous
+    [batch, kv_heads, length, head_dim] tensor over the start of those buffers, so every shape shares
+    the memory and rows keep their place when a batch grows at a fixed length."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, tokens: int, dtype, device, static: bool):
+        self.shape = (kv_heads, head_dim)
+        # Zeros, never garbage: a masked key still meets the query in q.k, and NaN * 0 is NaN.
+        self.buffers = [torch.zeros(tokens * kv_heads * head_dim, dtype=dtype, device=device)
+                        for _ in range(2 * layers)]
+        self.static = static
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def views(self, batch: int, length: int) -> list[torch.Tensor]:
+        if (batch, length) not in self._views:
+            heads, dim = self.shape
+            views = []
+            for buf in self.buffers:
+                # A plain tensor over the buffer's storage (not a view object), one per shape and layer.
+                t = torch.empty(0, dtype=buf.dtype, device=buf.device)
+                t.set_(buf.untyped_storage(), 0, (batch, heads, length, dim))
+                if self.static:  # CUDA graphs read it in place instead of copying it in every replay;
+                    # unguarded: a new pool (after the weights went to CPU and back) re-records the
+                    # graphs instead of compiling them again
+                    torch._dynamo.mark_static_address(t, guard=False)
+                views.append(t)
+            self._views[(batch, length)] = views
+        return self._views[(batch, length)]
+
+    def zero_(self) -> None:
+        for buf in self.buffers:
+            buf.zero_()
+
+
+class FastDecoder:
+    """Decodes batches of rows of a transformers Qwen2 (Llama-layout) causal LM on its own modules.
+
+    Every row has its own prompt, length limit and sampling rule (`Sampling`). Keys and values live in a
+    pool of `pool_tokens` tokens shared by all shapes; a batch gets a (rows, length) shape from
+    `batch_buckets` x `length_buckets` with rows x length <= pool_tokens, so attention reads the length
+    the batch needs, not the model's context. The one-token decode step is `torch.compile`d once per
+    shape on CUDA (CUDA graphs in reduce-overhead mode) and runs eagerly on a CPU. Prefill is eager.
+    Decode attention runs on the key/value heads (grouped-query heads packed as extra query rows), so
+    the cache is never repeated per query head. Sampling stays on the device; the host reads results
+    every `sync_every` tokens. `DecodeBatch` is one running batch; `generate()` decodes a static one.
+    """
+
+    def __init__(self, model, max_len: int, *, max_batch: int = 16, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16),
+                 min_len: int = 512, pool_tokens: int | None = None, compile: bool = True,
+                 compile_mode: str | None = "reduce-overhead", tune_single_row: bool = True,
+                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "packed"):
+        if attention not in ("packed", "repeat"):
+            raise ValueError(f"attention {attention!r}: use packed or repeat")
+        inner = getattr(model, "model", None)
+        if inner is None or getattr(model, "lm_head", None) is None or any(
+                getattr(inner, name, None) is None for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+            raise UnsupportedModel(f"{type(model).__name__} lacks model.embed_tokens/layers/norm/rotary_emb or lm_head")
+        kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise UnsupportedModel(f"layer types {sorted(kinds)}: only full attention is supported")
+        attn = inner.layers[0].self_attn
+        if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            raise UnsupportedModel(f"{type(attn).__name__} is not a Llama-layout attention")
+        self.model, self.inner, self.layers = model, inner, inner.layers
+        self.heads, self.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.n_rep = self.heads // self.kv_heads
+        self.vocab = model.lm_head.weight.shape[0]
+        # The model's own rotary helper when it has one (same numerics as its forward).
+        self.rope = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", _apply_rope)
+        self.max_len, self.max_batch = int(max_len), int(max_batch)
+        self.batch_buckets = tuple(sorted({b for b in batch_buckets if 0 < b < self.max_batch} | {self.max_batch}))
+        self.length_buckets = length_buckets(min_len, self.max_len)
+        self.pool_tokens = int(pool_tokens or self.max_batch * self.max_len)
+        self.sync_every, self.prefill_tokens = max(1, int(sync_every)), max(1, int(prefill_tokens))
+        param = next(model.parameters())
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.kv_bytes_per_token = 2 * len(self.layers) * self.kv_heads * self.head_dim * param.element_size()
+        self.compiled = bool(compile) and param.device.type == "cuda"
+        self.compile_mode, self.tune_single_row = compile_mode, tune_single_row
+        self.attention = attention
+        self._pool_owner: FastDecoder | None = None
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._ready: set[tuple[int, int]] = set()
+        self._pool: _KVPool | None = None
+        self._step = self._decode_step
+        if self.compiled:
+            _raise_recompile_limit(64)
+            self._step = torch.compile(self._decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
+
+    # --- shapes -------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def pool(self) -> _KVPool:
+        if self._pool is None:
+            param = next(self.model.parameters())
+            if self._pool_owner is not None:
+                self._pool = self._pool_owner.pool()
+            else:
+                self._pool = _KVPool(len(self.layers), self.kv_heads, self.head_dim, self.pool_tokens, param.dtype,
+                                     param.device, static=self.compiled)
+            self._vocab_range = torch.arange(self.vocab, device=param.device)
+        return self._pool
+
+    def share_pool(self, owner: "FastDecoder") -> bool:
+        """Use `owner`'s KV pool (one batch runs at a time, so two models of one geometry need one pool)."""
+        mine, theirs = next(self.model.parameters()), next(owner.model.parameters())
+        same = (len(self.layers), self.kv_heads, self.head_dim, self.pool_tokens, self.compiled, mine.dtype,
+                mine.device) == (len(owner.layers), owner.kv_heads, owner.head_dim, owner.pool_tokens, owner.compiled,
+                                 theirs.dtype, theirs.device)
+        if same:
+            self._pool_owner, self._pool = owner, None
+        return same
+
+    def release_memory(self) -> None:
+        """Drop the pool (weights moving to CPU); the next batch allocates it again."""
+        self._pool = None
+
+    def reset(self) -> None:
+        """After a failed batch: zero the pool so nothing a failure left behind can reach a later row."""
+        if self._pool is not None:
+            self._pool.zero_()
+
+    def allowed(self, batch: int, length: int) -> bool:
+        return batch in self.batch_buckets and length in self.length_buckets and batch * length <= self.pool_tokens
+
+    def ready(self, shape: tuple[int, int]) -> bool:
+        """Runs without compiling first."""
+        return not self.compiled or shape in self._ready
+
+    def cost(self, shape: tuple[int, int]) -> int:
+        """Bytes one decode step reads: the weights plus every row's keys and values."""
+        return self.weight_bytes + shape[0] * shape[1] * self.kv_bytes_per_token
+
+    def shape_for(self, rows: int, need: int) -> tuple[int, int] | None:
+        """The (batch, length) shape for `rows` rows needing `need` cache columns; None if none fits.
+        A compiled shape within 1.5x the read cost beats compiling the smallest one mid-service."""
+        fits = [(b, n) for b in self.batch_buckets if b >= rows for n in self.length_buckets
+                if n >= need and b * n <= self.pool_tokens]
+        if not fits:
+            return None
+        exact = min(fits, key=self.cost)
+        ready = [s for s in fits if self.ready(s)]
+        if self.ready(exact) or not ready:
+            return exact
+        best = min(ready, key=self.cost)
+        return best if self.cost(best) <= 1.5 * self.cost(exact) else exact
+
+    def warm(self, batch: int, length: int) -> float:
+        """Compile and record the decode step of one shape now (at start-up) rather than in a job."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            run = DecodeBatch(self, batch, length)
+            run.admit([(0, DecodeRow([0], min(4, length - 1)))])
+            run.sync()
+            while run.active:
+                run.advance()
+        return time.perf_counter() - started
+
+    # --- forward passes ----------------------------------------------------------------------
+
+    def _prefill(self, ids: torch.Tensor, pads: list[int], kv: list[torch.Tensor], rows: torch.Tensor, end: int):
+        """Left-padded prompts of `rows` into cache columns [end - width, end); last-position logits."""
+        n, width = ids.shape
+        dev = ids.device
+        x = self.inner.embed_tokens(ids)
+        ar = torch.arange(width, device=dev)
+        pad = torch.tensor(pads, device=dev)
+        cos, sin = self.inner.rotary_emb(x, (ar[None, :] - pad[:, None]).clamp(min=0))
+        mask = None
+        if any(pads):  # causal over real keys; a padding query sees itself (no empty softmax rows)
+            allowed = (ar[None, :] <= ar[:, None])[None] & (ar[None, :] >= pad[:, None])[:, None, :]
+            mask = (allowed | torch.eye(width, dtype=torch.bool, device=dev))[:, None]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(n, width, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            kv[2 * i][rows, :, end - width:end] = k
+            kv[2 * i + 1][rows, :, end - width:end] = v
+            o = F.scaled_dot_product_attention(q, _repeat_kv(k, self.n_rep), _repeat_kv(v, self.n_rep),
+                                               attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(n, width, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.inner.norm(x[:, -1:]))[:, 0].float()
+
+    def _decode_step(self, tokens, positions, column, mask, kv: list[torch.Tensor]):
+        """One token per row at cache column `column`; logits [rows, vocab] in fp32. Compiled per shape."""
+        b = tokens.shape[0]
+        x = self.inner.embed_tokens(tokens[:, None])
+        cos, sin = self.inner.rotary_emb(x, positions[:, None])
+        keep = mask[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            keys, values = kv[2 * i], kv[2 * i + 1]
+            keys.index_copy_(2, column, k)
+            values.index_copy_(2, column, v)
+            if self.attention == "packed":
+                # Query heads sharing a key/value head become that head's query rows: no repeated cache.
+                q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=self.scaling)
+            else:  # transformers' compiled decode: the cache repeated per query head
+                o = F.scaled_dot_product_attention(q, _repeat_kv(keys, self.n_rep), _repeat_kv(values, self.n_rep),
+                                                   attn_mask=keep, scale=self.scaling)
+            x = x + attn.o_proj(o.reshape(b, 1, self.heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(self.inner.norm(x))[:, 0].float()
+
+    def decode(self, tokens, positions, column, mask, kv, shape: tuple[int, int]) -> torch.Tensor:
+        if not self.compiled:
+            return self._decode_step(tokens, positions, column, mask, kv)
+        torch.compiler.cudagraph_mark_step_begin()
+        if shape in self._ready:
+            return self._step(tokens, positions, column, mask, kv)
+        started = time.perf_counter()
+        # One row: inductor turns the matrix-vector products into tuned fused reductions (gpt-fast's lever).
+        tune = self.tune_single_row and shape[0] == 1
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(coordinate_descent_tuning=True) if tune else contextlib.nullcontext():
+            logits = self._step(tokens, positions, column, mask, kv)
+        self._ready.add(shape)
+        self.compile_seconds[shape] = round(time.perf_counter() - started, 1)
+        return logits
+
+    # --- a static batch -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: Sequence[int] | int,
+                 sampling: Sampling | Sequence[Sampling] | None = None, eos_token_ids: Sequence[int] = (),
+                 pad_token_id: int = 0, on_first_token: Callable[[], None] | None = None) -> list[list[int]]:
+        """Left-padded rows decoded together; each row's new ids, up to and including its end-of-text id."""
+        ids, keep = input_ids.cpu(), attention_mask.cpu().bool()
+        n = ids.shape[0]
+        limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        rules = [sampling or GREEDY] * n if sampling is None or isinstance(sampling, Sampling) else list(sampling)
+        rows = [DecodeRow(ids[i][keep[i]].tolist(), limits[i], rules[i]) for i in range(n)]
+        need = max(len(r.prompt) for r in rows) + max(limits)
+        shape = self.shape_for(n, need)
+        if shape is None:
+            raise ValueError(f"{n} rows needing {need} cache columns exceed the decoder's cache "
+                             f"({self.max_len} per row, {self.pool_tokens} in all)")
+        run = DecodeBatch(self, *shape, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+        run.admit(list(enumerate(rows)))
+        if on_first_token is not None:
+            on_first_token()
+        run.sync()
+        while run.active:
+            run.advance()
+        stops = set(eos_token_ids)
+        return [_through_first(run.slots[i].tokens, stops) for i in range(n)]
+
+
+def _through_first(tokens: list[int], stops: set[int]) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if tok in stops:
+            return tokens[: i + 1]
+    return list(tokens)
+
+
+@dataclass
+class _Slot:
+    prompt_len: int
+    start: int  # cache column of the row's first generated token
+    max_new: int
+    sampling: Sampling
+    tokens: list[int] = field(default_factory=list)  # generated so far, as of the last sync
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class _Work:
+    """Which sampling stages the rows in the batch need (decided on the host, no sync)."""
+
+    repetition: bool = False
+    openai: bool = False
+    sample: bool = False
+    top_p: bool = False
+    kmax: int = 0
+
+
+class DecodeBatch:
+    """One running batch of a (rows, length) shape. Slots are rows; a slot is filled by `admit` (prefill
+    into the pool, first token sampled), decoded by `step`, read back by `sync`, freed by `release`.
+
+    All rows write the same cache column each step; a row admitted at column c has its prompt in the
+    columns just before c, so rows can join a running batch while c >= their prompt length and
+    c + max_new_tokens <= length. Every per-row state lives on the device, allocated for the decoder's
+    max_batch rows so that `grow` to a larger batch bucket moves nothing.
+    """
+
+    def __init__(self, decoder: FastDecoder, batch: int, length: int, *, eos_token_ids: Sequence[int] = (),
+                 pad_token_id: int = 0, suppress_token_ids: Sequence[int] = ()):
+        if not decoder.allowed(batch, length):
+            raise ValueError(f"shape {batch}x{length} is not one of the decoder's buckets")
+        d = self.decoder = decoder
+        self.B, self.L = batch, length
+        self.kv = d.pool().views(batch, length)
+        dev, rows, vocab = d.device, d.max_batch, d.vocab
+        self.pad = int(pad_token_id)
+        self.eos = torch.tensor(sorted(set(eos_token_ids)) or [-1], device=dev)
+        self.suppress = None
+        if suppress_token_ids:
+            self.suppress = torch.zeros(vocab, dtype=torch.bool, device=dev)
+            self.suppress[torch.tensor(sorted(set(suppress_token_ids)), device=dev)] = True
+
+        def full(value, *shape, dtype=torch.long):
+            return torch.full(shape or (rows,), value, dtype=dtype, device=dev)
+        self.mask = full(False, rows, length, dtype=torch.bool)
+        self.hist = full(self.pad, rows, length + 1)  # hist[r, c]: the token whose keys go to column c
+        self.tok, self.pos, self.gen, self.limit = full(self.pad), full(0), full(0), full(0)
+        self.done = full(True, dtype=torch.bool)
+        self.seen = full(False, rows, vocab, dtype=torch.bool)  # prompt + output, repetition penalty
+        self.counts = full(0.0, rows, vocab, dtype=torch.float32)  # output only, OpenAI penalties
+        self.temp, self.top_p_cut = full(1.0, dtype=torch.float32), full(0.0, dtype=torch.float32)
+        self.top_k = full(vocab)
+        self.rep, self.pres, self.freq = (full(v, dtype=torch.float32) for v in (1.0, 0.0, 0.0))
+        self.sampled = full(False, dtype=torch.bool)
+        self.uniform = full(0.0, rows, length, dtype=torch.float32)
+        self.rows = torch.arange(rows, device=dev)
+        self.column: int | None = None  # the column the next decode step writes
+        self.col_t = full(0, 1)
+        self.slots: dict[int, _Slot] = {}
+        self.work = _Work()
+
+    @property
+    def active(self) -> bool:
+        """Some admitted row has not finished, as of the last sync."""
+        return any(not s.done for s in self.slots.values())
+
+    def free_slots(self) -> list[int]:
+        return [s for s in range(self.B) if s not in self.slots]
+
+    def grow_target(self) -> int | None:
+        """The next batch bucket this batch can grow to without compiling, if any."""
+        bigger = [b for b in self.decoder.batch_buckets if b > self.B and self.decoder.allowed(b, self.L)
+                  and self.decoder.ready((b, self.L))]
+        return min(bigger) if bigger else None
+
+    def grow(self, batch: int) -> None:
+        if not self.decoder.allowed(batch, self.L) or batch < self.B:
+            raise ValueError(f"cannot grow {self.B}x{self.L} to {batch} rows")
+        self.B, self.kv = batch, self.decoder.pool().views(batch, self.L)
+
+    def can_join(self, row: DecodeRow) -> bool:
+        return self.column is not None and 1 <= len(row.prompt) <= self.column \
+            and self.column + row.max_new_tokens <= self.L
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def admit(self, rows: Sequence[tuple[int, DecodeRow]]) -> None:
+        """Prefill rows into free slots and sample their first tokens (read back at the next sync)."""
+        if not rows:
+            return
+        if self.column is None:
+            self.column = max(len(r.prompt) for _, r in rows)
+            self.col_t.fill_(self.column)
+        start, dev, vocab = self.column, self.decoder.device, self.decoder.vocab
+        for slot, row in rows:
+            if not 0 <= slot < self.B or slot in self.slots:
+                raise ValueError(f"slot {slot} is not free")
+            if row.max_new_tokens < 1 or not self.can_join(row):
+                raise ValueError(f"a row of {len(row.prompt)} + {row.max_new_tokens} tokens does not fit "
+                                 f"column {start} of a {self.L}-column cache")
+        idx = torch.tensor([slot for slot, _ in rows], device=dev)
+        rules = [r.sampling for _, r in rows]
+
+        def put(target, values, dtype=torch.float32):
+            target[idx] = torch.tensor(values, dtype=dtype).to(dev)
+        put(self.temp, [s.temperature if s.temperature > 0 else 1.0 for s in rules])
+        put(self.sampled, [s.temperature > 0 for s in rules], torch.bool)
+        put(self.top_p_cut, [1.0 - s.top_p for s in rules])  # transformers compares with 1 - top_p
+        put(self.top_k, [min(s.top_k, vocab) if s.top_k > 0 else vocab for s in rules], torch.long)
+        put(self.rep, [s.repetition_penalty for s in rules])
+        put(self.pres, [s.presence_penalty for s in rules])
+        put(self.freq, [s.frequency_penalty for s in rules])
+        put(self.limit, [r.max_new_tokens for _, r in rows], torch.long)
+        put(self.pos, [len(r.prompt) for _, r in rows], torch.long)
+        self.gen[idx] = 0
+        self.done[idx] = False
+        self.counts[idx] = 0.0
+        width = max(len(r.prompt) for _, r in rows)
+        cols, ids = torch.zeros(len(rows), self.L, dtype=torch.bool), torch.full((len(rows), width), self.pad)
+        uniform = torch.zeros(len(rows), self.L)
+        for i, (_, row) in enumerate(rows):
+            cols[i, start - len(row.prompt):start] = True
+            ids[i, width - len(row.prompt):] = torch.tensor(list(row.prompt))
+            if row.sampling.temperature > 0:
+                uniform[i] = torch.rand(self.L, generator=torch.Generator().manual_seed(row.sampling.seed))
+        self.mask[idx] = cols.to(dev)
+        self.uniform[idx] = uniform.to(dev)
+        ids = ids.to(dev)
+        real = (torch.arange(width, device=dev)[None, :] >= torch.tensor(
+            [width - len(r.prompt) for _, r in rows], device=dev)[:, None]).float()
+        hits = torch.zeros(len(rows), vocab + 1, device=dev).scatter_add_(1, ids.clamp(max=vocab), real)
+        self.seen[idx] = hits[:, :vocab] > 0
+        for slot, row in rows:
+            self.slots[slot] = _Slot(len(row.prompt), start, row.max_new_tokens, row.sampling)
+        self._plan()
+        chunk: list[int] = []
+        for i in range(len(rows)):  # prefill in forwards of at most prefill_tokens padded tokens
+            grown = max(len(rows[j][1].prompt) for j in chunk + [i]) * (len(chunk) + 1)
+            if chunk and grown > self.decoder.prefill_tokens:
+                self._prefill([rows[j] for j in chunk])
+                chunk = []
+            chunk.append(i)
+        self._prefill([rows[j] for j in chunk])
+
+    def _prefill(self, rows: Sequence[tuple[int, DecodeRow]]) -> None:
+        width = max(len(r.prompt) for _, r in rows)
+        ids = torch.full((len(rows), width), self.pad)
+        pads = [width - len(r.prompt) for _, r in rows]
+        for i, (_, row) in enumerate(rows):
+            ids[i, pads[i]:] = torch.tensor(list(row.prompt))
+        idx = torch.tensor([slot for slot, _ in rows], device=self.decoder.device)
+        logits = self.decoder._prefill(ids.to(self.decoder.device), pads, self.kv, idx, self.column)
+        self._accept(idx, self._pick(logits, idx), self.column)
+
+    def release(self, slot: int) -> None:
+        """Free a slot (finished, stopped on the host, or cancelled): it decodes padding from now on."""
+        if self.slots.pop(slot, None) is not None:
+            self.done[slot] = True
+            self._plan()
+
+    def _plan(self) -> None:
+        rules = [s.sampling for s in self.slots.values()]
+        sampled = [s for s in rules if s.temperature > 0]
+        kmax = max((s.top_k if 0 < s.top_k < self.decoder.vocab else self.decoder.vocab for s in sampled), default=0)
+        self.work = _Work(repetition=any(s.repetition_penalty != 1.0 for s in rules),
+                          openai=any(s.presence_penalty or s.frequency_penalty for s in rules),
+                          sample=bool(sampled), top_p=any(s.top_p < 1.0 for s in sampled), kmax=kmax)
+
+    # --- decoding -----------------------------------------------------------------------------
+
+    def _pick(self, logits: torch.Tensor, rows) -> torch.Tensor:
+        """Next token per row: generate()'s processors in its order (repetition penalty, suppressed ids,
+        OpenAI penalties), then argmax, or temperature, top-k, top-p and an inverse-CDF draw."""
+        s, work = logits, self.work
+        if work.repetition:
+            pen = self.rep[rows][:, None]
+            s = torch.where(self.seen[rows], torch.where(s < 0, s * pen, s / pen), s)
+        if self.suppress is not None:
+            s = s.masked_fill(self.suppress, float("-inf"))
+        if work.openai:
+            counts = self.counts[rows]
+            s = s - self.freq[rows][:, None] * counts - self.pres[rows][:, None] * (counts > 0).to(s.dtype)
+        greedy = s.argmax(dim=-1)
+        if not work.sample:
+            return greedy
+        t = s / self.temp[rows][:, None]
+        if work.kmax < self.decoder.vocab:
+            vals, cand = t.topk(work.kmax, dim=-1)
+        else:
+            vals, cand = t.sort(dim=-1, descending=True)
+        vals = vals.masked_fill(self.decoder._vocab_range[: vals.shape[1]] >= self.top_k[rows][:, None], float("-inf"))
+        if work.top_p:
+            # transformers: ascending cumulative probability <= 1 - top_p is dropped; the top token stays.
+            tail = vals.softmax(dim=-1).flip(-1).cumsum(dim=-1).flip(-1)
+            drop = tail <= self.top_p_cut[rows][:, None]
+            drop[:, 0] = False
+            vals = vals.masked_fill(drop, float("-inf"))
+        probs = vals.softmax(dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        u = self.uniform[rows].gather(1, self.gen[rows][:, None].clamp(max=self.L - 1))
+        j = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        # Never past the last token with probability (nor below 0 if a row's logits were NaN: an
+        # out-of-range index would be a device-side assert, fatal to the process's CUDA context).
+        j = torch.minimum(j, (probs > 0).sum(dim=-1, keepdim=True) - 1).clamp(min=0)
+        return torch.where(self.sampled[rows], cand.gather(1, j)[:, 0], greedy)
+
+    def _accept(self, rows, token: torch.Tensor, column: int) -> None:
+        """Record each row's new token (padding for finished rows) written at hist column `column`."""
+        live = ~self.done[rows]
+        token = torch.where(live, token, self.pad)
+        self.hist[rows, column] = token
+        self.tok[rows] = token
+        gen = self.gen[rows] + live
+        self.gen[rows] = gen
+        self.done[rows] = ~live | torch.isin(token, self.eos) | (gen >= self.limit[rows])
+        # Kept up only while a row needs them: a row's own state starts at its admission (prompt ids
+        # in `seen`, zero counts), and rows without the penalty multiply stale entries by neutral values.
+        pairs = self.rows[rows]
+        if self.work.repetition:
+            self.seen[pairs, token] = True
+        if self.work.openai:
+            self.counts[pairs, token] += live.float()
+
+    def step(self) -> None:
+        """One decode step for every row (finished and empty rows decode padding)."""
+        b, c = self.B, self.column
+        self.mask[:b, c] = True
+        logits = self.decoder.decode(self.tok[:b], self.pos[:b], self.col_t, self.mask[:b], self.kv, (b, self.L))
+        token = self._pick(logits, slice(0, b))
+        self.pos[:b] += 1
+        self._accept(slice(0, b), token, c + 1)
+        self.column = c + 1
+        self.col_t += 1
+
+    def sync(self) -> list[int]:
+        """Read new tokens and finished flags back (one device-to-host copy); the slots that changed."""
+        live = [s for s, slot in self.slots.items() if not slot.done]
+        if not live:
+            return []
+        lo = min(self.slots[s].start + len(self.slots[s].tokens) for s in live)
+        b = self.B
+        data = torch.cat([self.gen[:b, None], self.done[:b, None].long(), self.hist[:b, lo:self.column + 1]],
+                         dim=1).tolist()
+        changed = []
+        for s in live:
+            slot, row = self.slots[s], data[s]
+            if row[0] > len(slot.tokens):
+                slot.tokens.extend(row[2 + slot.start + len(slot.tokens) - lo: 2 + slot.start + row[0] - lo])
+                changed.append(s)
+            if row[1]:
+                slot.done = True
+                if s not in changed:
+                    changed.append(s)
+        return changed
+
+    def launch(self) -> int:
+        """Queue the steps up to the next sync point (sync_every tokens, or the first row limit); no wait."""
+        live = [s for s in self.slots.values() if not s.done]
+        if not live:
+            return 0
+        steps = max(1, min(self.decoder.sync_every, min(s.max_new - len(s.tokens) for s in live)))
+        for _ in range(steps):
+            self.step()
+        return steps
+
+    def advance(self) -> list[int]:
+        """Decode to the next sync point and read the results back."""
+        return self.sync() if self.launch() else []
