@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .fused import FusedProjections, mlp, project_qkv
+
 @dataclass(frozen=True)
 class Sampling:
     """One row's decoding rule; every field means what it means to transformers' generate().
@@ -131,7 +133,7 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, max_batch: int = 16, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16),
                  min_len: int = 512, pool_tokens: int | None = None, compile: bool = True,
                  compile_mode: str | None = "reduce-overhead", tune_single_row: bool = True,
-                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "packed"):
+                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "packed", fuse: bool = True):
         if attention not in ("packed", "repeat"):
             raise ValueError(f"attention {attention!r}: use packed or repeat")
         inner = getattr(model, "model", None)
@@ -166,6 +168,8 @@ class FastDecoder:
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._ready: set[tuple[int, int]] = set()
         self._pool: _KVPool | None = None
+        # q|k|v and gate|up as one weight each (pipelines/fused.py), sharing the parameters' memory
+        self.fused = FusedProjections(self.layers, enabled=fuse, static=self.compiled)
         self._step = self._decode_step
         if self.compiled:
             _raise_recompile_limit(64)
@@ -199,8 +203,9 @@ class FastDecoder:
         return same
 
     def release_memory(self) -> None:
-        """Drop the pool (weights moving to CPU); the next batch allocates it again."""
+        """Drop the pool and the fused weights (weights moving to CPU); the next batch makes them again."""
         self._pool = None
+        self.fused.release()
 
     def reset(self) -> None:
         """After a failed batch: zero the pool so nothing a failure left behind can reach a later row."""
@@ -257,33 +262,37 @@ class FastDecoder:
         if any(pads):  # causal over real keys; a padding query sees itself (no empty softmax rows)
             allowed = (ar[None, :] <= ar[:, None])[None] & (ar[None, :] >= pad[:, None])[:, None, :]
             mask = (allowed | torch.eye(width, dtype=torch.bool, device=dev))[:, None]
-        for i, layer in enumerate(self.layers):
+        for i, (layer, f) in enumerate(zip(self.layers, self.fused.layers())):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(n, width, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = project_qkv(attn, layer.input_layernorm(x), f)
+            q = q.view(n, width, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             kv[2 * i][rows, :, end - width:end] = k
             kv[2 * i + 1][rows, :, end - width:end] = v
             o = F.scaled_dot_product_attention(q, _repeat_kv(k, self.n_rep), _repeat_kv(v, self.n_rep),
                                                attn_mask=mask, is_causal=mask is None, scale=self.scaling)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(n, width, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + mlp(layer.mlp, layer.post_attention_layernorm(x), f)
         return self.model.lm_head(self.inner.norm(x[:, -1:]))[:, 0].float()
 
-    def _decode_step(self, tokens, positions, column, mask, kv: list[torch.Tensor]):
-        """One token per row at cache column `column`; logits [rows, vocab] in fp32. Compiled per shape."""
+    def _decode_step(self, tokens, positions, column, mask, kv: list[torch.Tensor], fused):
+        """One token per row at cache column `column`; logits [rows, vocab] in fp32. Compiled per shape.
+        `fused` (FusedProjections.layers) is an argument, not state read from self: its tensors are the
+        graphs' static inputs, whose addresses CUDA graph trees compare before every replay, so after a
+        weight move and rebuild a graph re-records instead of reading freed memory (no recompile: the
+        addresses are unguarded, as the KV pool's)."""
         b = tokens.shape[0]
         x = self.inner.embed_tokens(tokens[:, None])
         cos, sin = self.inner.rotary_emb(x, positions[:, None])
         keep = mask[:, None, None, :]
-        for i, layer in enumerate(self.layers):
+        for i, (layer, f) in enumerate(zip(self.layers, fused)):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = project_qkv(attn, layer.input_layernorm(x), f)
+            q = q.view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self.rope(q, k, cos, sin)
             keys, values = kv[2 * i], kv[2 * i + 1]
             keys.index_copy_(2, column, k)
@@ -296,22 +305,23 @@ class FastDecoder:
                 o = F.scaled_dot_product_attention(q, _repeat_kv(keys, self.n_rep), _repeat_kv(values, self.n_rep),
                                                    attn_mask=keep, scale=self.scaling)
             x = x + attn.o_proj(o.reshape(b, 1, self.heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + mlp(layer.mlp, layer.post_attention_layernorm(x), f)
         return self.model.lm_head(self.inner.norm(x))[:, 0].float()
 
     def decode(self, tokens, positions, column, mask, kv, shape: tuple[int, int]) -> torch.Tensor:
+        fused = self.fused.layers(check_all=False)  # weights move only between batches; prefill checks all
         if not self.compiled:
-            return self._decode_step(tokens, positions, column, mask, kv)
+            return self._decode_step(tokens, positions, column, mask, kv, fused)
         torch.compiler.cudagraph_mark_step_begin()
         if shape in self._ready:
-            return self._step(tokens, positions, column, mask, kv)
+            return self._step(tokens, positions, column, mask, kv, fused)
         started = time.perf_counter()
         # One row: inductor turns the matrix-vector products into tuned fused reductions (gpt-fast's lever).
         tune = self.tune_single_row and shape[0] == 1
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(coordinate_descent_tuning=True) if tune else contextlib.nullcontext():
-            logits = self._step(tokens, positions, column, mask, kv)
+            logits = self._step(tokens, positions, column, mask, kv, fused)
         self._ready.add(shape)
         self.compile_seconds[shape] = round(time.perf_counter() - started, 1)
         return logits

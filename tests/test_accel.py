@@ -135,3 +135,91 @@ def test_rows_join_a_running_batch_and_decode_as_if_alone(qwen):
         while run.active:
             run.advance()
     assert run.slots[0].tokens == want_a and run.slots[2].tokens == want_b
+
+
+def _storage_bytes(model) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    return sum(storages.values())
+
+
+def _reference(model, ids, n):
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                          do_sample=False)[:, ids.shape[1]:].tolist()
+
+
+def test_fused_projections_share_the_parameters_memory():
+    model = build_qwen("cpu", tiny=True).float()
+    ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    before, want = _storage_bytes(model), _reference(model, ids, 8)
+    dec = FastDecoder(model, max_len=64, compile=False)
+    assert dec.generate(ids, torch.ones_like(ids), 8) == want
+    for layer, f in zip(model.model.layers, dec.fused.layers()):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert f.qkv_sizes == (64, 32, 32) and f.gate_up_sizes == (128, 128)
+        for fused, params in ((f.qkv, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                              (f.qkv_bias, [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+                              (f.gate_up, [mlp.gate_proj.weight, mlp.up_proj.weight])):
+            assert {p.untyped_storage().data_ptr() for p in params} == {fused.untyped_storage().data_ptr()}
+            assert torch.equal(fused, torch.cat(params))
+    assert _storage_bytes(model) == before  # one copy of the weights
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)  # the model's own forward reads the views
+    again = FastDecoder(model, max_len=64, compile=False)  # a second decoder views the same storage
+    assert again.generate(ids, torch.ones_like(ids), 8) == want and _storage_bytes(model) == before
+    assert dec.fused.layers()[0].qkv.data_ptr() == again.fused.layers()[0].qkv.data_ptr() and dec.fused.builds == 1
+
+
+def test_fused_projections_are_rebuilt_after_the_weights_move():
+    import gc
+    import weakref
+
+    model = build_qwen("cpu", tiny=True).float()
+    ids = torch.randint(5, 1000, (1, 10), generator=torch.Generator().manual_seed(5))
+    want = _reference(model, ids, 8)
+    dec = FastDecoder(model, max_len=64, compile=False)
+    assert dec.generate(ids, torch.ones_like(ids), 8) == want and dec.fused.builds == 1
+    old = weakref.ref(dec.fused.layers()[0].gate_up)
+    model.to(torch.float64).to(torch.float32)  # like the daemon's .to("cpu") / .to("cuda"): new, separate tensors
+    mlp = model.model.layers[0].mlp
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() != mlp.up_proj.weight.untyped_storage().data_ptr()
+    dec.release_memory()
+    gc.collect()
+    assert not dec.fused.built and old() is None  # nothing keeps the old fused weights alive
+    assert dec.generate(ids, torch.ones_like(ids), 8) == want and dec.fused.builds == 2
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == dec.fused.layers()[0].gate_up.data_ptr()
+    model.to(torch.float64).to(torch.float32)  # moved without release_memory: a decode step notices too
+    with torch.inference_mode():
+        run = DecodeBatch(dec, 1, 64)
+        run.admit([(0, DecodeRow(ids[0].tolist(), 8))])
+        model.to(torch.float64).to(torch.float32)  # even between prefill and decoding
+        while run.active:
+            run.advance()
+    assert run.slots[0].tokens == want[0] and dec.fused.builds == 4
+
+
+def test_projections_that_are_not_plain_linear_layers_stay_unfused():
+    class Wrapped(torch.nn.Module):  # LoRA-like: not an nn.Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    class Quantised(torch.nn.Linear):  # bitsandbytes-like: a subclass with its own forward
+        pass
+
+    model = build_qwen("cpu", tiny=True).float()
+    first, second = model.model.layers
+    first.self_attn.q_proj = Wrapped(first.self_attn.q_proj)
+    gate = Quantised(64, 128, bias=False)
+    gate.load_state_dict(second.mlp.gate_proj.state_dict())
+    second.mlp.gate_proj = gate
+    ids = torch.randint(5, 1000, (2, 7), generator=torch.Generator().manual_seed(6))
+    dec = FastDecoder(model, max_len=64, compile=False)
+    assert dec.generate(ids, torch.ones_like(ids), 8) == _reference(model, ids, 8)
+    assert [(f.qkv is not None, f.gate_up is not None) for f in dec.fused.layers()] == [(False, True), (True, False)]
+    assert FastDecoder(model, max_len=64, compile=False, fuse=False).generate(ids, torch.ones_like(ids), 8) == \
+        dec.generate(ids, torch.ones_like(ids), 8)

@@ -297,7 +297,13 @@ def test_without_the_engine_concurrent_runs_take_turns(pipes):
 
 def test_weights_moving_to_cpu_and_back_keep_the_engine_working(pipes):
     pipe = pipes["batched"]
-    pipe.move_to("cpu")  # frees the KV pool; the next batch allocates it again
-    assert pipe.engine.models["qwen_instruct"].decoder._pool is None
+    decoder = pipe.engine.models["qwen_instruct"].decoder
+    pipe.run(request())
+    builds = decoder.fused.builds
+    pipe.move_to("cpu")  # frees the KV pool and the fused weights; the next batch makes them again
+    assert decoder._pool is None and not decoder.fused.built
     pipe.move_to(pipe.device)
     assert pipe.run(request()).token_ids == pipes["direct"].run(request()).token_ids
+    assert decoder.fused.builds == builds + 1
+    attn = decoder.layers[0].self_attn  # still one copy: the projections are views of the fused weight
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == decoder.fused.layers()[0].qkv.data_ptr()

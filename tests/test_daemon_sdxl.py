@@ -105,6 +105,15 @@ def test_img2img_uses_the_reference(stack):
     assert len(set(pixels)) == 3
 
 
+def test_the_png_compress_level_setting_reaches_the_stored_files(stack):
+    job = image_job(config__seed=9)
+    stack.r.rpush("sdxl_queue", encode(job, 0))
+    stack.run_burst("sdxl", GENQ_PNG_COMPRESS_LEVEL="0")
+    body = assert_completed_images(stack, job, 128, 96, [9])
+    data, _ = stack.stored(f"{job['user_id']}/{job['id']}/")[body["assets"][0]["url"]]
+    assert len(data) > 128 * 96 * 3  # level 0 stores the rows uncompressed: the setting was applied
+
+
 def test_bad_payloads_fail_with_a_signed_callback_and_the_daemon_carries_on(stack):
     wrong_count = image_job(config__num_images=4)
     policy = image_job(prompt="nude photo of a 12 year old")

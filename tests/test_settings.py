@@ -29,3 +29,13 @@ def test_supabase_storage_without_credentials_is_refused(monkeypatch):
     monkeypatch.setenv("GENQ_STORAGE", "supabase")
     with pytest.raises(ValidationError, match="SUPABASE_URL"):
         Settings()
+
+
+def test_png_compress_level_defaults_to_fastest_and_is_bounded(monkeypatch):
+    assert Settings().png_compress_level == 1
+    monkeypatch.setenv("GENQ_PNG_COMPRESS_LEVEL", "9")
+    assert Settings().png_compress_level == 9
+    for bad in ("-1", "10", "fast"):
+        monkeypatch.setenv("GENQ_PNG_COMPRESS_LEVEL", bad)
+        with pytest.raises(ValidationError, match="GENQ_PNG_COMPRESS_LEVEL"):
+            Settings()

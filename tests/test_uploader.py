@@ -18,9 +18,10 @@ from tenacity import wait_none
 
 from schemas.common import Reference
 from schemas.settings import Settings
+from tests.stubs import json_reply
 from tests.stubs.callback_receiver import CallbackReceiver
 from tests.stubs.storage import StorageStub
-from uploader import (OUTBOX, OUTBOX_DUE, FetchError, StorageError, StoredAsset, Uploader, encode_mp4,
+from uploader import (OUTBOX, OUTBOX_DUE, FetchError, StorageError, StoredAsset, Uploader, encode_mp4, encode_png,
                       encode_webp_thumbnail, image_paths)
 
 KEY, SECRET = "service-key-for-tests", "callback-secret-for-tests"
@@ -157,6 +158,56 @@ def test_mp4_from_pil_frames_with_odd_sides_is_cropped_to_even():
 def test_thumbnails_are_webp_with_longest_edge_256(size, thumb):
     img = Image.open(io.BytesIO(encode_webp_thumbnail(Image.new("RGB", size, "white"))))
     assert (img.format, img.size) == ("WEBP", thumb)
+
+
+def noisy_image(size=(96, 64), mode="RGB", seed=0) -> Image.Image:
+    """Smooth content plus grain, like a generated image (compressible, but not trivially)."""
+    rng = np.random.default_rng(seed)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), np.uint8)).resize(size, Image.Resampling.BICUBIC))
+    grain = np.clip(smooth + rng.normal(0, 2, smooth.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(grain).convert(mode)
+
+
+@pytest.mark.parametrize("mode, stored_mode", [("RGB", "RGB"), ("RGBA", "RGBA"), ("L", "L"), ("LA", "RGBA"),
+                                               ("P", "RGB"), ("CMYK", "RGB")])
+def test_png_encoding_is_lossless_in_every_mode(mode, stored_mode):
+    img = noisy_image(mode=mode)
+    with Image.open(io.BytesIO(encode_png(img))) as decoded:
+        assert (decoded.format, decoded.mode, decoded.size) == ("PNG", stored_mode, img.size)
+        assert np.array_equal(np.asarray(decoded), np.asarray(img.convert(stored_mode)))
+
+
+def test_stored_pngs_keep_every_pixel_at_any_compress_level(storage, uploaders):
+    """GENQ_PNG_COMPRESS_LEVEL changes the size of the PNGs, never their pixels or the thumbnails."""
+    img = noisy_image((200, 120))
+    sizes = {}
+    for level in (0, 1, 9):
+        up = uploaders(make_settings(supabase_url=storage.url, supabase_service_role_key=KEY,
+                                     storage_backend="supabase", png_compress_level=level))
+        job = f"aaaaaaaa-0000-4000-8000-00000000000{level}"
+        [asset] = up.store_images(USER, job, [img])
+        data, _ = storage.objects[("workspace-temp", asset.url)]
+        with Image.open(io.BytesIO(data)) as decoded:
+            assert np.array_equal(np.asarray(decoded), np.asarray(img))
+        with Image.open(io.BytesIO(storage.objects[("workspace-temp", asset.thumbnail_url)][0])) as thumb:
+            assert (thumb.format, thumb.size) == ("WEBP", (256, 154))
+        sizes[level] = asset.file_size_bytes
+    assert sizes[0] >= 200 * 120 * 3 > sizes[1] >= sizes[9]  # level 0 stores the rows uncompressed
+
+
+class RefusingThumbnails(StorageStub):
+    def _upload(self, request, rest):
+        if rest.endswith(".webp"):
+            return json_reply(403, {"statusCode": "403", "error": "Unauthorized", "message": "no"})
+        return super()._upload(request, rest)
+
+
+def test_a_refused_thumbnail_fails_the_store_of_its_images(uploaders):
+    """PNGs and thumbnails go up side by side; a job never reports an image whose thumbnail is missing."""
+    with RefusingThumbnails(service_key=KEY) as storage:
+        up = uploaders(make_settings(supabase_url=storage.url, supabase_service_role_key=KEY, storage_backend="supabase"))
+        with pytest.raises(StorageError, match="thumb.webp"):
+            up.store_images(USER, JOB, [noisy_image(seed=i) for i in range(3)])
 
 
 # --- storage: local folder -------------------------------------------------------------------------
