@@ -9,7 +9,7 @@ Switches (environment, read by AccelOptions.from_env):
   GENQ_ACCEL=1               fused QKV, channels-last, bf16 VAE decode, attention backend
   GENQ_COMPILE=1             torch.compile on top (CUDA only)
   GENQ_COMPILE_MODE          torch.compile mode (default: inductor's default mode)
-  GENQ_COMPILE_DYNAMIC=0     SDXL: one compiled graph per image shape instead of one for every shape
+  GENQ_COMPILE_DYNAMIC=1     SDXL: one compiled graph with symbolic sizes for every shape (see below)
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
@@ -34,10 +34,10 @@ class AccelOptions:
     enabled: bool = False
     compile: bool = False
     compile_mode: str | None = None
-    # One SDXL graph with symbolic batch, width and height serves every size the contract allows
-    # (1024x1024, 1024x576, 576x1024 at 1, 3 or 6 images): one compile at start instead of one per
-    # shape, the first of them in a user's job.
-    compile_dynamic: bool = True
+    # One SDXL graph with symbolic batch, width and height would serve every size the contract allows,
+    # but its first compile did not finish in 8 minutes on an H200 (docs/PERFORMANCE.md, cold start):
+    # off by default, so the warm-up shape compiles statically and others compile on first use.
+    compile_dynamic: bool = False
     cache_dir: str | None = None
     wan_attention_backend: str = "_native_cudnn"
     wan_vae_bf16: bool = False
@@ -54,7 +54,7 @@ class AccelOptions:
             enabled=enabled,
             compile=enabled and env.get("GENQ_COMPILE", "0").strip().lower() in _TRUE,
             compile_mode=env.get("GENQ_COMPILE_MODE") or None,
-            compile_dynamic=env.get("GENQ_COMPILE_DYNAMIC", "1").strip().lower() in _TRUE,
+            compile_dynamic=env.get("GENQ_COMPILE_DYNAMIC", "0").strip().lower() in _TRUE,
             cache_dir=env.get("GENQ_COMPILE_CACHE_DIR") or None,
             wan_attention_backend=env.get("GENQ_WAN_ATTENTION", "_native_cudnn"),
             wan_vae_bf16=env.get("GENQ_WAN_VAE_BF16", "0").strip().lower() in _TRUE,
