@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -58,6 +59,7 @@ def _child(family: str, measure: bool, launched_at: float) -> None:
     from consumers.families import FAMILIES
     from schemas.settings import Settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     pipe = FAMILIES[family].load_pipeline(Settings())
     pipe.setup()
