@@ -524,16 +524,18 @@ class Uploader:
     def _forget(self, entry: str) -> None:
         self.redis.pipeline().hdel(OUTBOX, entry).zrem(OUTBOX_DUE, entry).execute()
 
-    def deliver_outbox(self, now: float | None = None, limit: int = 100) -> int:
+    def deliver_outbox(self, now: float | None = None, limit: int = 100, due_by: float | None = None) -> int:
         """Try the callbacks whose time has come (one try each); returns how many were delivered.
 
-        `now` (epoch seconds) lets a caller treat entries as due earlier than their backoff says.
+        `now` (epoch seconds) lets a caller treat entries as due earlier than their backoff says;
+        `due_by` takes entries due up to then without moving the clock their age is judged by.
         """
         now = time.time() if now is None else now
+        due_by = now if due_by is None else max(now, due_by)
         delivered = 0
-        for raw in self.redis.zrangebyscore(OUTBOX_DUE, "-inf", now, start=0, num=limit):
+        for raw in self.redis.zrangebyscore(OUTBOX_DUE, "-inf", due_by, start=0, num=limit):
             entry = _text(raw)
-            if not self._claim(keys=[OUTBOX_DUE], args=[entry, now, now + self._lease_s]):
+            if not self._claim(keys=[OUTBOX_DUE], args=[entry, due_by, now + self._lease_s]):
                 continue  # another daemon claimed it first
             raw_record = self.redis.hget(OUTBOX, entry)
             if raw_record is None:

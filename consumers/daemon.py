@@ -62,7 +62,9 @@ def _worker(runtime: Runtime, queue: Queue, name: str) -> GenqWorker:
 
 def run(family_name: str, settings: Settings, burst: bool = False, log_level: str = "INFO") -> int:
     workers = build(family_name, settings)
-    delivered = workers[0].runtime.uploader.deliver_outbox()
+    # A (re)start is the natural moment to retry every callback left over, whatever its backoff says:
+    # the receiver may have come back meanwhile, and a burst run may not live until they fall due.
+    delivered = workers[0].runtime.uploader.deliver_outbox(due_by=time.time() + 365 * 86400)
     if delivered:
         log.info("delivered %d callback(s) left over from an earlier run", delivered)
     try:

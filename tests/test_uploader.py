@@ -416,6 +416,18 @@ def test_an_entry_not_yet_due_is_left_alone(r, receiver, callback_settings, uplo
     assert receiver.statuses == [503] and outbox_size(r) == (1, 1)
 
 
+def test_a_restart_delivers_entries_before_their_backoff_but_keeps_their_age(r, receiver, uploaders):
+    settings = make_settings(job_callback_url=receiver.url, job_callback_secret=SECRET,
+                             supabase_service_role_key=KEY, callback_max_age_s=60)
+    receiver.fail_next(1)
+    assert uploaders(settings, attempts=1).send_callback(body()) is False  # next try in 5 s
+    restarted = uploaders(settings)
+    assert restarted.deliver_outbox() == 0  # not due yet
+    # what a daemon does at start: everything left over, judged by its real age (a year ahead is not 60 s old)
+    assert restarted.deliver_outbox(due_by=time.time() + 365 * 86400) == 1
+    assert receiver.received == [body()] and outbox_size(r) == (0, 0)
+
+
 @pytest.mark.parametrize("secret, key", [("not-the-secret", KEY), (SECRET, "not-the-key")])
 def test_a_refused_callback_is_dropped_not_retried(r, receiver, uploaders, caplog, secret, key):
     up = uploaders(make_settings(job_callback_url=receiver.url, job_callback_secret=secret,
