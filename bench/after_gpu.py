@@ -27,7 +27,9 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from consumers import reporting
+from consumers.images import image_assets
 from consumers.progress import Progress
+from schemas.sdxl import SdxlRequest
 from schemas.settings import Settings
 from tests.conftest import RedisServer
 from tests.stubs.callback_receiver import CallbackReceiver
@@ -57,13 +59,11 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def completed_body(runtime, job_id: str, stored) -> None:
-    """What consumers/images.py sends: one asset with its metadata, then the signed callback."""
-    assets = [{"type": "image", "url": s.url, "thumbnail_url": s.thumbnail_url,
-               "metadata": {"width": s.width, "height": s.height, "format": "png", "batch_size": 1,
-                            "steps": 15, "guidance_scale": 7.5, "seed": 1, "file_size_bytes": s.file_size_bytes,
-                            "asset_index": 0, "negative_prompt_used": False, "scheduler": "euler", "mode": "txt2img"}}
-              for s in stored]
-    reporting.completed(runtime, job_id, assets, {"seed": 1, "num_images": 1, "generation_time": 1.5})
+    """What consumers/images.py sends for a 1-image, 15-step job: its assets, then the signed callback."""
+    request = SdxlRequest(job_id=job_id, user_id=USER, job_type="sdxl_image_fast", prompt="bench", width=stored[0].width,
+                          height=stored[0].height, steps=15, guidance_scale=7.5, num_images=1, seeds=[1])
+    reporting.completed(runtime, job_id, image_assets(request, stored),
+                        {"seed": 1, "num_images": 1, "generation_time": 1.5})
 
 
 def measure(runtime, img: Image.Image, repeats: int) -> dict[str, float]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .fused import FusedProjections, mlp, project_qkv
 
+
 @dataclass(frozen=True)
 class Sampling:
     """One row's decoding rule; every field means what it means to transformers' generate().
