@@ -349,7 +349,7 @@ class Tracker:
 
     def push(self, family: str, job: dict, encoding: int = 0) -> str:
         raw = json.dumps(job) if family == "chat" else encode(job, encoding)
-        self.jobs[job["id"]] = {"family": family, "job": job, "pushed": time.monotonic()}
+        self.jobs[job["id"]] = {"family": family, "job": job, "pushed": time.monotonic(), "pushed_wall": time.time()}
         self.r.rpush(QUEUES[family], raw)
         return job["id"]
 
@@ -406,7 +406,21 @@ class Tracker:
         out.update(status=body["status"], generation_s=meta.get("generation_time"), error=body.get("error_message"))
         out.update(self._stored(entry, body))
         out.update(self._job_meta(job_id))
+        out.update(self._timeline(entry, arrived))
         return out
+
+    def _timeline(self, entry: dict, arrived: float) -> dict:
+        """Where a job's time outside the pipeline went, from rq's own timestamps (wall clock, same host):
+        push -> rq job made from the raw payload -> started -> ended (callback sent) -> callback arrived."""
+        try:
+            fields = self.r.hmget(f"rq:job:{entry['job']['id']}", "enqueued_at", "started_at", "ended_at")
+            enq, start, end = (datetime.fromisoformat(f.decode().replace("Z", "+00:00")).timestamp() for f in fields)
+        except Exception:  # expired, or a field missing: no timeline, the other figures stand
+            return {}
+        pushed = entry["pushed_wall"]
+        return {"timeline_s": {"to_rq_job": round(enq - pushed, 4), "queued": round(start - enq, 4),
+                               "in_job": round(end - start, 4),
+                               "callback_after_end": round(pushed + (arrived - entry["pushed"]) - end, 4)}}
 
     def _stored(self, entry: dict, body: dict) -> dict:
         """Every asset and thumbnail of a completed job is in the bucket, with the right type."""
@@ -786,6 +800,11 @@ class Scenario:
                           overhead_median_s=round(statistics.median(a - b for a, b in zip(e2e, gen)), 3),
                           ratio_median=round(statistics.median(e2e) / statistics.median(gen), 3),
                           ratio_total=round(sum(e2e) / sum(gen), 3))
+            lines = [r["timeline_s"] for r in done if "timeline_s" in r]
+            if lines:  # in_job minus generation is the job's own work outside the pipeline: encode, upload, callback
+                record["timeline_median_s"] = {k: round(statistics.median(t[k] for t in lines), 4) for k in lines[0]}
+                record["timeline_median_s"]["in_job_outside_pipeline"] = round(statistics.median(
+                    r["timeline_s"]["in_job"] - r["generation_s"] for r in done if "timeline_s" in r), 4)
 
     def overlap(self, record: dict) -> None:
         """One job alone, then `overlap_jobs` pushed at once: wall time vs the sum of generation times."""
