@@ -247,7 +247,8 @@ def test_progress_callbacks_are_ordered_throttled_and_stop_before_the_final_one(
     assert progress and all(e["status"] == "processing" for e in progress)
     generating = [e["metadata"]["progress"] for e in progress if e["metadata"]["stage"] == "generating"]
     assert generating == sorted(generating) and all(0 <= p <= 100 for p in generating)
-    times = stack.receiver.arrivals(job["id"], "processing")
-    assert all(b - a >= 0.9 for a, b in zip(times, times[1:]))  # none more often than the setting
+    # Throttled: far fewer than one per step (the interval itself is checked on the sender's clock in
+    # tests/test_progress_throttle.py; arrival gaps at the receiver would add network jitter).
+    assert len(generating) < LONG["config__num_inference_steps"] // 2
     meta = Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_meta()
     assert meta["stage"] == "uploading" or meta["progress"] == 100
