@@ -441,9 +441,16 @@ class Uploader:
         """`<user>/<job>/0.mp4` and `0.thumb.webp` from the middle frame."""
         base = _job_prefix(user_id, job_id)
         array = _video_array(frames)
-        video = self.upload(f"{base}/0.mp4", encode_mp4(array, fps), "video/mp4")
-        thumb = self.upload(f"{base}/0.thumb.webp",
-                            encode_webp_thumbnail(Image.fromarray(array[len(array) // 2])), "image/webp")
+
+        def store_thumbnail() -> StoredFile:
+            return self.upload(f"{base}/0.thumb.webp", encode_webp_thumbnail(Image.fromarray(array[len(array) // 2])),
+                               "image/webp")
+
+        # The thumbnail is encoded and uploaded while FFmpeg encodes the MP4 (both release the GIL).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            thumb_task = pool.submit(store_thumbnail)
+            video = self.upload(f"{base}/0.mp4", encode_mp4(array, fps), "video/mp4")
+            thumb = thumb_task.result()
         return StoredAsset(video.path, thumb.path, array.shape[2], array.shape[1], video.size)
 
     # --- caller ------------------------------------------------------------------------------
