@@ -154,7 +154,6 @@ def resident_parts(family: str, settings: Any) -> dict[str, int]:
         pool = chat_kv_pool_bytes()
         if pool:
             parts["chat.kv_pool"] = pool
-        parts.update(chat_int8_bytes(parts))
     return parts
 
 
@@ -167,24 +166,6 @@ def chat_kv_pool_bytes(environ: Any = None) -> int:
     if options.enabled is False:
         return 0
     return options.cache_tokens * int(table().get("chat_kv_bytes_per_token", 0))
-
-
-# GENQ_CHAT_WEIGHTS=int8 keeps int8 copies of each chat model's decoder-layer projections (pipelines/int8.py)
-# beside its bf16 weights: a byte per weight and a bf16 scale per row. Qwen 2.5 7B: 6.53 G of its 7.62 G
-# weights (the embedding, lm_head and norms stay bf16 only), so 0.4287 of the bf16 bytes.
-CHAT_INT8_SHARE = 0.43
-
-
-def chat_int8_bytes(model_parts: dict[str, int], environ: Any = None) -> dict[str, int]:
-    """`<model>.int8` -> bytes of the int8 copies the chat engine keeps per model (GENQ_CHAT_WEIGHTS=int8,
-    built at warm-up and kept); nothing for bf16 or with batching switched off."""
-    from pipelines.chat_options import BatchOptions  # torch-free: the orchestrator imports this module
-
-    options = BatchOptions.from_env(environ)
-    if options.enabled is False or options.weights != "int8":
-        return {}
-    return {f"{name}.int8": int(nbytes * CHAT_INT8_SHARE) for name, nbytes in model_parts.items()
-            if name in ("qwen_instruct", "qwen_base")}
 
 
 def resident_bytes(family: str, settings: Any) -> int:

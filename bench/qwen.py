@@ -9,14 +9,12 @@ Stages: build; baseline generate() at 1 stream, its time to first token, at --ba
 engine's start-up (KV pool, compile of the --batch-row decode shape); the engine at --batch streams
 (--batch threads submitting at once, as the daemon's worker threads do): total tokens/s, per-request
 latency, time to first token; compile of the 1-row shape; the engine at 1 stream; equality (greedy
-engine output against the argmax of a full uncached forward at every step); optional: GENQ_CHAT_WEIGHTS=int8
-(an int8 engine's 1-row compile, 1 stream, its step logits against the bf16 decoder's over the same tokens,
-the same with an int8 lm_head too), the decoder's static batch without the engine thread, --batch streams with
-Qwen Instruct's sampling settings, staggered arrivals (rows joining a running batch), a memory grid.
+engine output against the argmax of a full uncached forward at every step); optional: the decoder's
+static batch without the engine thread, --batch streams with Qwen Instruct's sampling settings,
+staggered arrivals (rows joining a running batch), a memory grid.
 """
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import threading
 import time
@@ -32,37 +30,6 @@ from pipelines.chat_batch import BatchEngine, BatchOptions, EngineModel, RowRequ
 def _stats(values: list[float]) -> dict:
     return {"min": round(min(values), 4), "median": round(statistics.median(values), 4),
             "max": round(max(values), 4)}
-
-
-def teacher_forced(decoder: FastDecoder, prompt: list[int], tokens: list[int], length: int, batch: int = 1):
-    """Row 0's fp32 logits at every step over prompt + tokens: prefill's, then one per decode step, each
-    step fed the given token whatever the decoder would have picked (so two decoders see the same inputs).
-    Run it on the engine thread of a compiled decoder (its CUDA graphs are recorded there)."""
-    seen, forced = [], iter(tokens)
-
-    def pick(logits, rows):
-        seen.append(logits[0].clone())  # a CUDA graph's output is overwritten by its next replay
-        return torch.full((logits.shape[0],), next(forced), device=logits.device)
-    with torch.inference_mode():
-        run = DecodeBatch(decoder, batch, length)
-        run._pick = pick
-        run.admit([(0, DecodeRow(prompt, len(tokens)))])
-        run.sync()
-        while run.active:
-            run.advance()
-    return torch.stack(seen)
-
-
-def logit_agreement(ref: torch.Tensor, got: torch.Tensor) -> dict:
-    """Per-step logits [steps, vocab] of an approximate decoder against the reference's: relative L2 per
-    step and overall, top-1 agreement, and the reference's top-2 margin where the top-1 differs."""
-    per_step = ((got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)).tolist()
-    top2 = ref.topk(2, dim=-1).values
-    differ = (ref.argmax(-1) != got.argmax(-1)).nonzero().flatten().tolist()
-    margins = [round(float(top2[i, 0] - top2[i, 1]), 4) for i in differ]
-    return {"steps": ref.shape[0], **compare(ref, got), "rel_l2_per_step": _stats(per_step),
-            "top1_agreement": round(1 - len(differ) / ref.shape[0], 4),
-            "disagreements_top2_margin": margins[:20], "disagreements_max_margin": max(margins, default=0.0)}
 
 
 def main() -> None:
@@ -151,10 +118,9 @@ def main() -> None:
     rows1 = [RowRequest("qwen", DecodeRow(ids1[0].tolist(), n_new))]
     rowsb = [RowRequest("qwen", DecodeRow(r.tolist(), n_new)) for r in idsb]
 
-    def concurrent(rows: list[RowRequest], gap_s: float = 0.0, eng: BatchEngine | None = None) -> dict:
+    def concurrent(rows: list[RowRequest], gap_s: float = 0.0) -> dict:
         """len(rows) threads released together (or gap_s apart), each submitting one row, as the daemon's
         worker threads do; wall clock from the release to the last result."""
-        eng = eng or engine
         out: list = [None] * len(rows)
         gate = threading.Barrier(len(rows) + 1)
 
@@ -163,7 +129,7 @@ def main() -> None:
             if gap_s:
                 time.sleep(i * gap_s)  # load generation: arrivals spread over time
             t0 = time.perf_counter()
-            result = eng.submit(rows[i])
+            result = engine.submit(rows[i])
             out[i] = (result, time.perf_counter() - t0)
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(rows))]
         for t in threads:
@@ -178,11 +144,11 @@ def main() -> None:
                 "ttft_s": [r.queued_s + r.ttft_s for r, _ in out], "queued_s": [r.queued_s for r, _ in out],
                 "batch_sizes": sorted({r.batch_size for r, _ in out}), "shapes": sorted({r.shape for r, _ in out})}
 
-    def engine_stage(rows: list[RowRequest], runs: int, gap_s: float = 0.0, eng: BatchEngine | None = None) -> dict:
-        concurrent(rows, gap_s, eng)  # warm-up run
+    def engine_stage(rows: list[RowRequest], runs: int, gap_s: float = 0.0) -> dict:
+        concurrent(rows, gap_s)  # warm-up run
         sync(dev)
         reset_memory(dev)
-        got = [concurrent(rows, gap_s, eng) for _ in range(runs)]
+        got = [concurrent(rows, gap_s) for _ in range(runs)]
         walls = [g["wall_s"] for g in got]
         best = got[walls.index(min(walls))]
         return {"times_s": [round(w, 4) for w in walls], "min_s": round(min(walls), 4),
@@ -233,69 +199,6 @@ def main() -> None:
 
         rep.stage("equality", check)
 
-        # --- GENQ_CHAT_WEIGHTS=int8: int8 copies of the weights for the 1-row graph -----------------
-        # Its own engine and decoder over the same model (the bf16 engine idles meanwhile); the 1-row
-        # shape is compiled at its warm-up, coordinate-descent tuned like the bf16 one (~66 s on an H200).
-        steps = min(64, n_new - 1)  # teacher-forced decode steps compared
-
-        def bf16_steps():
-            if "bf16_tokens" not in st:
-                st["bf16_tokens"] = engine.submit(rows1[0]).token_ids[:steps + 1]
-                st["bf16_logits"] = engine.run_exclusive(
-                    lambda _: teacher_forced(st["decoder"], ids1[0].tolist(), st["bf16_tokens"], length))
-            return st["bf16_logits"]
-
-        def int8_engine(lm_head: bool) -> tuple[BatchEngine, FastDecoder, dict]:
-            reset_memory(dev)
-            o8 = dataclasses.replace(opts, weights="int8", max_batch=1, batch_buckets=(1,), cache_tokens=length,
-                                     warmup=((1, length),))
-            # BatchOptions.decoder's arguments, plus the lm_head switch it does not expose
-            decoder8 = FastDecoder(model, context, max_batch=1, batch_buckets=(1,), min_len=o8.min_cache_len,
-                                   pool_tokens=o8.cache_tokens, compile=o8.compile is not False,
-                                   compile_mode=o8.compile_mode, tune_single_row=o8.tune_single_row,
-                                   sync_every=o8.sync_tokens, prefill_tokens=o8.prefill_tokens,
-                                   attention=o8.attention, weights="int8", int8_lm_head=lm_head)
-            engine8 = BatchEngine({"qwen": EngineModel(decoder8)}, o8).start()
-            t0 = time.perf_counter()
-            spent = engine8.warm_up()
-            sync(dev)
-            return engine8, decoder8, {"warm_up_s": round(time.perf_counter() - t0, 1), "compile_s": spent,
-                                       "int8_lm_head": lm_head, "int8_gib": round(decoder8.int8_bytes / 2**30, 3),
-                                       "step_weight_gib": round(decoder8.single_row_weight_bytes / 2**30, 3),
-                                       "bf16_step_weight_gib": round(decoder8.weight_bytes / 2**30, 3), **memory(dev)}
-
-        def int8_vs_bf16(engine8: BatchEngine, decoder8: FastDecoder) -> dict:
-            ref = bf16_steps()
-            got = engine8.run_exclusive(
-                lambda _: teacher_forced(decoder8, ids1[0].tolist(), st["bf16_tokens"], length))
-            return {"prefill_logits": compare(ref[0], got[0]), **logit_agreement(ref[1:], got[1:])}
-
-        def int8_setup():
-            st["engine8"], st["decoder8"], out = int8_engine(lm_head=False)  # the daemon's GENQ_CHAT_WEIGHTS=int8
-            return out
-
-        rep.stage("int8_setup", int8_setup, optional_cost_s=90)
-        if st.get("engine8") is not None:
-            rep.stage("int8_engine_1stream", lambda: engine_stage(rows1, args.runs, eng=st["engine8"]))
-            rep.stage("int8_vs_bf16", lambda: int8_vs_bf16(st["engine8"], st["decoder8"]))
-            st.pop("engine8").close()
-            st.pop("decoder8").release_memory()
-
-        def int8_with_lm_head():
-            # The lm_head (152064 x 3584, ~7% of the bytes) in int8 too: what it gains in speed and costs in
-            # accuracy (first H200 reading: nothing, and nothing; so the daemon keeps it bf16).
-            engine8, decoder8, out = int8_engine(lm_head=True)
-            try:
-                timing = engine_stage(rows1, args.runs, eng=engine8)
-                return {**out, "engine_1stream": {k: timing[k] for k in ("min_s", "median_s", "tokens_per_s",
-                                                                         "tokens_per_s_median")},
-                        "vs_bf16": int8_vs_bf16(engine8, decoder8)}
-            finally:
-                engine8.close()
-                decoder8.release_memory()
-
-        rep.stage("int8_lm_head", int8_with_lm_head, optional_cost_s=90)
-
         def static_batch():
             decoder: FastDecoder = st["decoder"]
             return tok_s(timed(lambda: engine.run_exclusive(lambda _: decoder.generate(idsb, maskb, n_new)),
@@ -332,7 +235,6 @@ def main() -> None:
         engine.close()
     s = rep.data["stages"]
     e1, eb = s.get("engine_1stream") or {}, s.get(f"engine_{streams}streams") or {}
-    i1, iv = s.get("int8_engine_1stream") or {}, s.get("int8_vs_bf16") or {}
     rep["summary"] = {
         "speedup_1stream": ratio(s.get("baseline_1stream"), s.get("engine_1stream")),
         f"speedup_{streams}streams": ratio(s.get(f"baseline_{streams}streams"), s.get(f"engine_{streams}streams")),
@@ -343,10 +245,6 @@ def main() -> None:
         "compile_s": {**((s.get("engine_setup") or {}).get("compile_s") or {}),
                       "qwen:1row": (s.get("engine_compile_1row") or {}).get("compile_s")},
         "hf_static_1stream_tok_s": (s.get("hf_static_1stream") or {}).get("tokens_per_s"),
-        "int8_1stream_tok_s": i1.get("tokens_per_s"), "int8_speedup_1stream": ratio(e1 or None, i1 or None),
-        "int8_logits_rel_l2": iv.get("rel_l2"), "int8_top1_agreement": iv.get("top1_agreement"),
-        "int8_lm_head_1stream_tok_s": ((s.get("int8_lm_head") or {}).get("engine_1stream") or {}).get(
-            "tokens_per_s"),
         "targets": {"1stream_tok_s": 240, f"{streams}streams_tok_s": 2500},
     }
     print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-WEIGHTS = ("bf16", "int8")  # GENQ_CHAT_WEIGHTS: the model's own weights, or int8 copies for one-row decoding
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -75,7 +74,6 @@ class BatchOptions:
     tune_single_row: bool = True
     attention: str = "packed"  # or "repeat": the cache repeated per query head, as transformers does
     warmup: tuple[tuple[int, int], ...] | None = None  # None: 1x2048, max_batch x 1024, max_batch x 4096
-    weights: str = "bf16"  # "int8": int8 copies of the weights for the one-row decode shapes (memory.py counts them)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "BatchOptions":
@@ -86,9 +84,6 @@ class BatchOptions:
         except ValueError:
             raise ValueError(f"GENQ_CHAT_BATCH_BUCKETS={buckets!r}: use a list like 1,2,4,8,16") from None
         mode = env.get("GENQ_CHAT_COMPILE_MODE", "").strip()
-        weights = env.get("GENQ_CHAT_WEIGHTS", "").strip().lower() or cls.weights
-        if weights not in WEIGHTS:
-            raise ValueError(f"GENQ_CHAT_WEIGHTS={weights!r}: use {' or '.join(WEIGHTS)}")
         return cls(
             enabled=_flag(env, "GENQ_CHAT_BATCH", None),
             max_batch=_number(env, "GENQ_CHAT_MAX_BATCH", cls.max_batch),
@@ -103,7 +98,6 @@ class BatchOptions:
             tune_single_row=bool(_flag(env, "GENQ_CHAT_TUNE_SINGLE_ROW", True)),
             attention=env.get("GENQ_CHAT_ATTENTION", "").strip() or cls.attention,
             warmup=_shapes(env, "GENQ_CHAT_WARMUP"),
-            weights=weights,
         )
 
     def active(self, device: torch.device) -> bool:
@@ -116,7 +110,7 @@ class BatchOptions:
             model, context_limit, max_batch=self.max_batch, batch_buckets=self.batch_buckets,
             min_len=self.min_cache_len, pool_tokens=self.cache_tokens, compile=self.compile is not False,
             compile_mode=self.compile_mode, tune_single_row=self.tune_single_row, sync_every=self.sync_tokens,
-            prefill_tokens=self.prefill_tokens, attention=self.attention, weights=self.weights)
+            prefill_tokens=self.prefill_tokens, attention=self.attention)
 
     def warm_shapes(self, decoder: FastDecoder) -> list[tuple[int, int]]:
         """The shapes to compile at start: the configured ones, rounded up to buckets that fit."""

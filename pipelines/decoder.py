@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import int8
 from .fused import FusedProjections, mlp, project_qkv
 
 
@@ -135,12 +134,9 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, max_batch: int = 16, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16),
                  min_len: int = 512, pool_tokens: int | None = None, compile: bool = True,
                  compile_mode: str | None = "reduce-overhead", tune_single_row: bool = True,
-                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "packed", fuse: bool = True,
-                 weights: str = "bf16", int8_lm_head: bool = False):
+                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "packed", fuse: bool = True):
         if attention not in ("packed", "repeat"):
             raise ValueError(f"attention {attention!r}: use packed or repeat")
-        if weights not in ("bf16", "int8"):
-            raise ValueError(f"weights {weights!r}: use bf16 or int8")
         inner = getattr(model, "model", None)
         if inner is None or getattr(model, "lm_head", None) is None or any(
                 getattr(inner, name, None) is None for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
@@ -175,16 +171,6 @@ class FastDecoder:
         self._pool: _KVPool | None = None
         # q|k|v and gate|up as one weight each (pipelines/fused.py), sharing the parameters' memory
         self.fused = FusedProjections(self.layers, enabled=fuse, static=self.compiled)
-        # weights="int8": int8 copies of the projections for the one-row decode shapes only
-        # (pipelines/int8.py); prefill and the other shapes read the model's weights, which stay.
-        self.weights = weights
-        self.int8 = int8.Int8Projections(model, self.layers, lm_head=int8_lm_head, static=self.compiled) \
-            if weights == "int8" else None
-        self.int8_bytes = self.int8.nbytes() if self.int8 is not None else 0  # resident on top of the weights
-        # what a one-row step reads of the weights: the int8 copies instead of the bf16 weights they cover
-        # (bench/qwen.py reports it; cost() keeps the bf16 figure)
-        self.single_row_weight_bytes = self.weight_bytes if self.int8 is None else \
-            self.weight_bytes - self.int8.replaced_bytes() + self.int8_bytes
         self._step = self._decode_step
         if self.compiled:
             _raise_recompile_limit(64)
@@ -205,8 +191,6 @@ class FastDecoder:
                 self._pool = _KVPool(len(self.layers), self.kv_heads, self.head_dim, self.pool_tokens, param.dtype,
                                      param.device, static=self.compiled)
             self._vocab_range = torch.arange(self.vocab, device=param.device)
-            if self.int8 is not None:  # made with the pool (at warm-up, after a move back), not mid-batch:
-                self.int8.weights(self.fused.layers())  # both are resident memory that admission counts
         return self._pool
 
     def share_pool(self, owner: "FastDecoder") -> bool:
@@ -220,12 +204,9 @@ class FastDecoder:
         return same
 
     def release_memory(self) -> None:
-        """Drop the pool, the fused weights and the int8 copies (weights moving to CPU); the next batch
-        makes them again."""
+        """Drop the pool and the fused weights (weights moving to CPU); the next batch makes them again."""
         self._pool = None
         self.fused.release()
-        if self.int8 is not None:
-            self.int8.release()
 
     def reset(self) -> None:
         """After a failed batch: zero the pool so nothing a failure left behind can reach a later row."""
@@ -240,9 +221,7 @@ class FastDecoder:
         return not self.compiled or shape in self._ready
 
     def cost(self, shape: tuple[int, int]) -> int:
-        """Bytes one decode step reads: the weights plus every row's keys and values. In bf16 bytes even
-        for int8 one-row shapes: shape_for then keeps preferring a compiled shape over compiling a one-row
-        one in a job, whichever weights the one-row shapes read."""
+        """Bytes one decode step reads: the weights plus every row's keys and values."""
         return self.weight_bytes + shape[0] * shape[1] * self.kv_bytes_per_token
 
     def shape_for(self, rows: int, need: int) -> tuple[int, int] | None:
@@ -299,22 +278,19 @@ class FastDecoder:
             x = x + mlp(layer.mlp, layer.post_attention_layernorm(x), f)
         return self.model.lm_head(self.inner.norm(x[:, -1:]))[:, 0].float()
 
-    def _decode_step(self, tokens, positions, column, mask, kv: list[torch.Tensor], fused,
-                     quant: int8.Int8Weights | None = None):
+    def _decode_step(self, tokens, positions, column, mask, kv: list[torch.Tensor], fused):
         """One token per row at cache column `column`; logits [rows, vocab] in fp32. Compiled per shape.
         `fused` (FusedProjections.layers) is an argument, not state read from self: its tensors are the
         graphs' static inputs, whose addresses CUDA graph trees compare before every replay, so after a
         weight move and rebuild a graph re-records instead of reading freed memory (no recompile: the
-        addresses are unguarded, as the KV pool's). `quant` (Int8Projections.weights, one-row shapes of
-        an int8 decoder; None otherwise) is passed the same way, for the same reason."""
+        addresses are unguarded, as the KV pool's)."""
         b = tokens.shape[0]
         x = self.inner.embed_tokens(tokens[:, None])
         cos, sin = self.inner.rotary_emb(x, positions[:, None])
         keep = mask[:, None, None, :]
         for i, (layer, f) in enumerate(zip(self.layers, fused)):
-            attn, w8 = layer.self_attn, None if quant is None else quant.layers[i]
-            o8 = None if w8 is None else w8.o
-            q, k, v = int8.project_qkv(attn, layer.input_layernorm(x), f, w8)
+            attn = layer.self_attn
+            q, k, v = project_qkv(attn, layer.input_layernorm(x), f)
             q = q.view(b, 1, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -329,28 +305,24 @@ class FastDecoder:
             else:  # transformers' compiled decode: the cache repeated per query head
                 o = F.scaled_dot_product_attention(q, _repeat_kv(keys, self.n_rep), _repeat_kv(values, self.n_rep),
                                                    attn_mask=keep, scale=self.scaling)
-            x = x + int8.linear(attn.o_proj, o.reshape(b, 1, self.heads * self.head_dim), o8)
-            x = x + int8.mlp(layer.mlp, layer.post_attention_layernorm(x), f, w8)
-        head8 = None if quant is None else quant.lm_head
-        return int8.linear(self.model.lm_head, self.inner.norm(x), head8)[:, 0].float()
+            x = x + attn.o_proj(o.reshape(b, 1, self.heads * self.head_dim))
+            x = x + mlp(layer.mlp, layer.post_attention_layernorm(x), f)
+        return self.model.lm_head(self.inner.norm(x))[:, 0].float()
 
     def decode(self, tokens, positions, column, mask, kv, shape: tuple[int, int]) -> torch.Tensor:
         fused = self.fused.layers(check_all=False)  # weights move only between batches; prefill checks all
-        # int8 for one row only: with more rows inductor would convert every weight to bf16 on each call
-        quant = self.int8.weights(fused, check_all=False) if self.int8 is not None and shape[0] == 1 else None
         if not self.compiled:
-            return self._decode_step(tokens, positions, column, mask, kv, fused, quant)
+            return self._decode_step(tokens, positions, column, mask, kv, fused)
         torch.compiler.cudagraph_mark_step_begin()
         if shape in self._ready:
-            return self._step(tokens, positions, column, mask, kv, fused, quant)
+            return self._step(tokens, positions, column, mask, kv, fused)
         started = time.perf_counter()
         # One row: inductor turns the matrix-vector products into tuned fused reductions (gpt-fast's lever).
-        # Always with int8 copies: only that lowering fuses their conversion instead of making bf16 weights.
-        tune = (self.tune_single_row or quant is not None) and shape[0] == 1
+        tune = self.tune_single_row and shape[0] == 1
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(coordinate_descent_tuning=True) if tune else contextlib.nullcontext():
-            logits = self._step(tokens, positions, column, mask, kv, fused, quant)
+            logits = self._step(tokens, positions, column, mask, kv, fused)
         self._ready.add(shape)
         self.compile_seconds[shape] = round(time.perf_counter() - started, 1)
         return logits
