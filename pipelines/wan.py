@@ -5,7 +5,10 @@ Weights are loaded once in `setup()`. `WAN_MODEL_PATH` is a text-to-video diffus
 may be "tiny". The text encoder, tokenizer and VAE are loaded once and shared by both pipelines; only
 the transformers differ. Mode `none` runs on the T2V transformer when there is one, else on VACE
 with an empty conditioning video; `single`, `start`, `end`, `both` need VACE (at 1.3B the I2V and
-first-last-frame checkpoints do not exist). See docs/WAN.md.
+first-last-frame checkpoints do not exist). `setup()` ends with a warm-up: a 2-step run, decode
+included, of the largest video the contract sends (832x480, 81 frames) through `run()` on each loaded
+transformer that serves a mode, so the first user job pays no compilation or allocator set-up; a failure
+refuses to start (WAN_WARMUP, WAN_WARMUP_WIDTH/HEIGHT/FRAMES). See docs/WAN.md.
 """
 from __future__ import annotations
 
@@ -20,15 +23,18 @@ from types import SimpleNamespace
 import PIL.Image
 import torch
 from PIL import ImageOps
-from pydantic import field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.errors import PayloadError
+from schemas.limits import LIMITS
 from schemas.settings import Settings
-from schemas.wan import REFERENCE_MODES, REFERENCE_SLOTS, ReferenceMode, WanRequest
+from schemas.wan import (DEFAULT_DURATION_S, MIN_VIDEO_FRAMES, NATIVE_SIZES, REFERENCE_MODES, REFERENCE_SLOTS,
+                         SHIFT_480P, SHIFT_720P, SHIFT_AREA_SPLIT, WAN_PRESETS, ReferenceMode, WanRequest,
+                         frames_for_duration)
 
 from .accel import AccelOptions, accelerate_wan
-from .loading import pick_device, pick_dtype, resolve_model_path
+from .loading import TINY, pick_device, pick_dtype, resolve_model_path
 from .tiny_wan import build_tiny_wan, build_tiny_wan_vace
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,13 @@ _GREY = (128, 128, 128)
 _KEEP, _GENERATE = 0, 255  # VACE mask: black keeps the conditioning pixels, white lets the model paint
 REFERENCE_MODES_NEEDING_VACE = ("single", "start", "end", "both")
 _T2V_CLASS, _VACE_CLASS = "WanTransformer3DModel", "WanVACETransformer3DModel"
+WARMUP_STEPS = 2  # enough to run every code path of a job (solver's first and later steps, decode)
+TINY_WARMUP = (32, 32, 5)  # the tiny models' own shape (tests, demo): width, height, frames
+# Where the default warm-up could never run on this card (fit_warmup), fewer frames at the same size.
+FIT_WARMUP_FRAMES = (49, 33, 17, MIN_VIDEO_FRAMES)
+# VACE's modes, cheapest first: `none`, `start`, `end`, `both` condition through a video and mask of
+# num_frames; `single` adds its reference as one more latent frame (a longer sequence).
+_VACE_MODE_COST = ("none", "start", "end", "both", "single")
 
 
 class WanConfigError(RuntimeError):
@@ -47,15 +60,40 @@ class WanConfigError(RuntimeError):
 
 
 class WanSettings(BaseSettings):
-    """WAN-only process settings (env `WAN_MODES_SERVED`, `WAN_TEXT_ENCODER_OFFLOAD`)."""
+    """WAN-only process settings (env `WAN_MODES_SERVED`, `WAN_TEXT_ENCODER_OFFLOAD`, `WAN_WARMUP*`)."""
 
-    model_config = SettingsConfigDict(env_prefix="WAN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WAN_", extra="ignore", populate_by_name=True)
 
     # Comma-separated. The default is every mode today's callers send; an operator with only the
     # T2V checkpoint must say `none` explicitly rather than fail reference jobs one by one.
     modes_served: Annotated[tuple[ReferenceMode, ...], NoDecode] = REFERENCE_MODES
     # The UMT5-XXL encoder is ~11 GB in bf16: keep it on the CPU between jobs, on the GPU only to encode.
     text_encoder_offload: bool = True
+    # setup()'s warm-up (docs/WAN.md): off with WAN_WARMUP=0; its shape defaults to the largest video the
+    # contract sends (832x480, 81 frames; tiny models: 32x32, 5 frames), each side settable.
+    warmup: bool = Field(True, validation_alias="WAN_WARMUP")
+    warmup_width: int | None = Field(None, ge=16, le=LIMITS.wan_max_pixels // 16, multiple_of=16,
+                                     validation_alias="WAN_WARMUP_WIDTH")
+    warmup_height: int | None = Field(None, ge=16, le=LIMITS.wan_max_pixels // 16, multiple_of=16,
+                                      validation_alias="WAN_WARMUP_HEIGHT")
+    # A video's 4k+1 frames (the warm-up is a video job).
+    warmup_frames: int | None = Field(None, ge=MIN_VIDEO_FRAMES, le=LIMITS.wan_max_frames,
+                                      validation_alias="WAN_WARMUP_FRAMES")
+
+    @field_validator("warmup_frames")
+    @classmethod
+    def _four_k_plus_one(cls, value):
+        if value is not None and (value - 1) % 4:
+            raise ValueError(f"a video has 4k+1 frames (5, 9, 13, ...); got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_area(self) -> "WanSettings":
+        if self.warmup_width and self.warmup_height and \
+                self.warmup_width * self.warmup_height > LIMITS.wan_max_pixels:
+            raise ValueError(f"WAN_WARMUP_WIDTH x WAN_WARMUP_HEIGHT ({self.warmup_width}x{self.warmup_height}) "
+                             f"is over GENQ_LIMIT_WAN_MAX_PIXELS ({LIMITS.wan_max_pixels})")
+        return self
 
     @field_validator("modes_served", mode="before")
     @classmethod
@@ -142,6 +180,9 @@ class WanVideoPipeline:
         self.dtype: torch.dtype | None = None
         self._t2v = None
         self._vace = None
+        self._fitted_warmup: tuple[int, int, int] | None = None  # set by fit_warmup()
+        self.warmup_runs: list[tuple[str, str]] = []  # (transformer, mode) the warm-up ran
+        self.warmup_s: float | None = None
 
     # --- loading -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -180,12 +221,103 @@ class WanVideoPipeline:
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(disable=True)
             accelerate_wan(pipe, accel)
-        log.info("wan ready on %s (%s): t2v=%s vace=%s modes=%s text_encoder_offload=%s", self.device,
-                 self.dtype, bool(t2v), bool(vace), ",".join(self.wan.modes_served), self.wan.text_encoder_offload)
+        warmed = self._warm_up() if self.wan.warmup else "warm-up off (WAN_WARMUP=0)"
+        log.info("wan ready on %s (%s): t2v=%s vace=%s modes=%s text_encoder_offload=%s, %s", self.device,
+                 self.dtype, bool(t2v), bool(vace), ",".join(self.wan.modes_served), self.wan.text_encoder_offload,
+                 warmed)
+
+    # --- warm-up -----------------------------------------------------------------------------
+    def _warm_up(self) -> str:
+        """A short real job per serving transformer through run() (same code, no-grad mode, dtype and
+        shapes as a user's job): compiles the blocks, sets up cuDNN and the allocator, decodes."""
+        width, height, frames = self._warmup_shape()
+        started = time.perf_counter()
+        for name, mode in self._warmup_plan():
+            try:
+                request = self._warmup_request(width, height, frames, mode)
+                grey = PIL.Image.new("RGB", (width, height), _GREY)
+                self.run(request, {slot: grey for slot in REFERENCE_SLOTS[mode]})
+            except Exception as exc:
+                self._t2v = self._vace = None  # let the memory go: this object must not serve
+                raise RuntimeError(
+                    f"WAN warm-up of the {name} transformer (mode {mode}) at {width}x{height}, {frames} frames "
+                    "failed, refusing to start (lower WAN_WARMUP_WIDTH/HEIGHT/FRAMES or GENQ_LIMIT_WAN_MAX_FRAMES; "
+                    f"WAN_WARMUP=0 skips the warm-up): {type(exc).__name__}: {exc}") from exc
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the warm-up's blocks back to the other processes on the card
+            self.warmup_runs.append((name, mode))
+        self.warmup_s = time.perf_counter() - started
+        runs = ", ".join(f"{name} {mode}" for name, mode in self.warmup_runs)
+        return f"warmed up at {width}x{height}x{frames} in {self.warmup_s:.1f} s ({runs})"
+
+    def _warmup_plan(self) -> list[tuple[str, str]]:
+        """(transformer, mode) per loaded transformer that serves a mode, with its cheapest mode."""
+        served = self.wan.modes_served
+        plan = []
+        if self._t2v is not None and "none" in served:
+            plan.append(("T2V", "none"))
+        if self._vace is not None:
+            # With T2V loaded, `none` runs there; VACE serves only the reference modes.
+            modes = [m for m in _VACE_MODE_COST if m in served and (m != "none" or self._t2v is None)]
+            if modes:
+                plan.append(("VACE", modes[0]))
+        return plan
+
+    @staticmethod
+    def _warmup_request(width: int, height: int, frames: int, mode: str) -> WanRequest:
+        """The request a user's video job becomes (schemas/wan.py validates it, check_inputs runs in run())."""
+        preset = WAN_PRESETS["video_fast"]
+        source = {"source": "warmup"}  # never fetched: run() takes the pictures directly
+        refs = {field: source for field, slot in (("reference_image", "image"), ("first_frame", "first_frame"),
+                                                ("last_frame", "last_frame")) if slot in REFERENCE_SLOTS[mode]}
+        return WanRequest(job_id="warmup", user_id="warmup", job_type="video_fast", prompt="warm-up",
+                          width=width, height=height, num_frames=frames, steps=WARMUP_STEPS,
+                          guidance_scale=preset["guidance_scale"],  # > 1: both guidance passes, as jobs
+                          sampler="dpm++",  # what today's callers send
+                          shift=SHIFT_480P if width * height <= SHIFT_AREA_SPLIT else SHIFT_720P,
+                          seed=0, reference_mode=mode, **refs)
 
     def warmup_shape(self) -> SimpleNamespace:
-        """setup() runs no video: nothing beyond the weights to reserve while loading."""
-        return SimpleNamespace(family=self.family, width=0, height=0, num_frames=0)
+        """The warm-up job's shape, for memory admission before setup() (consumers/gpu.py); zeros when off."""
+        if not self.wan.warmup:
+            return self._shape(0, 0, 0)
+        return self._shape(*self._warmup_shape())
+
+    def _shape(self, width: int, height: int, frames: int) -> SimpleNamespace:
+        return SimpleNamespace(family=self.family, width=width, height=height, num_frames=frames)
+
+    def fit_warmup(self, fits: Callable[[SimpleNamespace], bool]) -> None:
+        """Where the default warm-up could never run on this card, warm up with the most frames that can
+        (longer videos are refused there anyway: memory.never_fits_message). WAN_WARMUP_* set by the
+        operator always wins. Called by consumers/gpu.py's loading() before setup()."""
+        w = self.wan
+        if not w.warmup or self._tiny() or w.warmup_width or w.warmup_height or w.warmup_frames:
+            return
+        width, height, frames = self._default_warmup()
+        candidates = [(width, height, n) for n in dict.fromkeys((frames, *FIT_WARMUP_FRAMES)) if n <= frames]
+        self._fitted_warmup = next((c for c in candidates if fits(self._shape(*c))), candidates[-1])
+        # The smallest even when it does not fit: admission then says why this card cannot start.
+
+    def _warmup_shape(self) -> tuple[int, int, int]:
+        if self._fitted_warmup is not None:
+            return self._fitted_warmup
+        width, height, frames = TINY_WARMUP if self._tiny() else self._default_warmup()
+        w = self.wan
+        return w.warmup_width or width, w.warmup_height or height, w.warmup_frames or frames
+
+    @staticmethod
+    def _default_warmup() -> tuple[int, int, int]:
+        """The largest video the contract sends: WAN's native size (832x480 / 480x832) and the default
+        duration (5 s = 81 frames), capped by GENQ_LIMIT_WAN_MAX_FRAMES."""
+        width, height = max(NATIVE_SIZES.values(), key=lambda size: size[0] * size[1])
+        frames = frames_for_duration(DEFAULT_DURATION_S)
+        cap = max(MIN_VIDEO_FRAMES, (LIMITS.wan_max_frames - 1) // 4 * 4 + 1)
+        return width, height, min(frames, cap)
+
+    def _tiny(self) -> bool:
+        paths = [p for p in (self.settings.wan_model_path, self.settings.wan_vace_model_path) if p]
+        return bool(paths) and all(p == TINY for p in paths)
 
     def _resolve(self, path: str | None, family: str, builder, env: str, expected: str) -> str | None:
         if not path:
