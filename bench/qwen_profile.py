@@ -1,0 +1,118 @@
+"""Where a one-row Qwen 2.5 7B decode step spends its time: a kernel-level profile of the chat engine's
+compiled decoder (the production `BatchOptions` defaults), against the bandwidth floor.
+
+    python -m bench.qwen_profile [--tiny] [--tokens 64] [--out DIR]
+
+Warm the 1-row shape, time a 300-token prompt + `--tokens` greedy tokens, then run
+the same under torch.profiler and sum CUDA kernel time per step by kind (matrix products, Triton
+reductions, Triton pointwise, attention, copies, other), count kernels per step, and report the step's
+wall time minus its kernel time (idle gaps between kernels). Writes OUT/qwen_profile.json and the top
+kernels table OUT/qwen_profile_bf16.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.models import build_qwen
+from pipelines.chat_options import BatchOptions
+
+_KINDS = [("gemm", re.compile(r"gemv|gemm|sm90|cutlass|xmma|ampere_|nvjet|splitk", re.I)),
+          ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient", re.I)),
+          ("triton_reduction", re.compile(r"triton_(red|per)_", re.I)),
+          ("triton_pointwise", re.compile(r"triton_poi_", re.I)),
+          ("copy_or_fill", re.compile(r"copy|memcpy|memset|fill|index|scatter|gather", re.I))]
+
+
+def _kind(name: str) -> str:
+    return next((kind for kind, pattern in _KINDS if pattern.search(name)), "other")
+
+
+def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    def run() -> None:
+        decoder.generate(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), tokens)
+
+    run()  # warm (compiles the shape on first use)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    count = 0
+    rows = []
+    for ev in prof.key_averages():
+        cuda_us = getattr(ev, "device_time_total", None)
+        if cuda_us is None:
+            cuda_us = getattr(ev, "cuda_time_total", 0)
+        if not cuda_us or getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        by_kind[_kind(ev.key)] += cuda_us
+        count += ev.count
+        rows.append((cuda_us, ev.count, ev.key[:140]))
+    rows.sort(reverse=True)
+    (out / f"qwen_profile_{mode}.txt").write_text(
+        "\n".join(f"{us / 1000:9.3f} ms {n:7d}x  {name}" for us, n, name in rows[:60]))
+    steps = tokens  # the prefill's kernels are in the totals too; they are small next to the decode steps
+    kernel_ms = sum(by_kind.values()) / 1000
+    wall = min(times)
+    return {"tokens": tokens, "wall_s_min": round(wall, 4), "tok_s": round(tokens / wall, 1),
+            "step_ms_wall": round(wall / steps * 1000, 3),
+            "step_ms_kernels": round(kernel_ms / steps, 3),
+            "step_ms_idle_between_kernels": round(wall / steps * 1000 - kernel_ms / steps, 3),
+            "kernels_per_step": round(count / steps, 1),
+            "step_ms_by_kind": {k: round(v / 1000 / steps, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"ms_total": round(us / 1000, 3), "calls": n, "name": name} for us, n, name in rows[:12]]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=300)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/qwen-profile")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        print("qwen_profile needs CUDA (the profile is of CUDA kernels)")
+        return 1
+    model = build_qwen("cuda", tiny=args.tiny)
+    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "weights_gb": round(weight_gb, 2),
+              "modes": {}}
+    path = out / "qwen_profile.json"
+    decoder = BatchOptions().decoder(model, 4096)  # the production engine's defaults
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        decoder.warm(1, 1024)
+    rec = {"warm_s": round(time.perf_counter() - t0, 1)}
+    with torch.inference_mode():
+        rec.update(_profile(decoder, prompt, args.tokens, out, "bf16"))
+    # A step reads every weight but the embedding table (one row of it), at the H200's datasheet 4.8 TB/s.
+    read = decoder.weight_bytes - model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), bandwidth_floor_ms_h200=round(read / 4.8e12 * 1000, 3),
+               achieved_tb_s=round(read / (rec["step_ms_wall"] / 1000) / 1e12, 2))
+    report["modes"]["bf16"] = rec
+    path.write_text(json.dumps(report, indent=1))
+    print("bf16", json.dumps(rec)[:900], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
