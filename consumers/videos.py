@@ -37,4 +37,6 @@ def perform(runtime, job: Job | None, payload: dict) -> dict:
                 "job_type": request.job_type, "steps": request.steps, "guidance_scale": request.guidance_scale,
                 "reference_mode": request.reference_mode,
                 "negative_prompt_used": bool(request.negative_prompt.strip()), **timing}
+    if request.fast_mode:  # only then: a normal job's callback stays as it always was
+        metadata.update(fast_mode=True, fast_mode_threshold=runtime.pipeline.fast_threshold)
     return reporting.completed(runtime, request.job_id, [asset], metadata)

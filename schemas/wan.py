@@ -59,7 +59,8 @@ class WanRequest(JobIdentity):
     first_frame: Reference | None = None
     last_frame: Reference | None = None
     enhancement: Enhancement | None = None
-    # Opt-in step caching (faster, slightly different output). Not implemented yet: pipelines refuse True.
+    # Opt-in step caching (faster, slightly different output): first-block cache at the server's
+    # WAN_FAST_THRESHOLD (pipelines/wan.py). Payload field `config.fast_mode`; absent means False.
     fast_mode: bool = False
 
     @model_validator(mode="after")
@@ -131,6 +132,7 @@ PAYLOAD_FIELDS = {
     "reference_mode": "metadata.video_reference_mode", "reference_image": "config.image",
     "first_frame": "config.first_frame", "last_frame": "config.last_frame", "user_id": "user_id",
     "job_id": "id", "prompt": "prompt", "negative_prompt": "negative_prompt", "enhancement": "enhancement",
+    "fast_mode": "config.fast_mode",
 }
 # Reference slot -> the payload fields that may carry it, first found wins.
 REFERENCE_SOURCES = {
@@ -254,6 +256,9 @@ def adapt_wan(job: dict) -> WanRequest:
         shift=_shift(job, width, height),
         seed=seed,
         enhancement=enhancement_of(job),
+        # Opt-in, JSON true/false only: a string or number is refused naming the field. Today's callers
+        # never send it, so their jobs run exactly as before.
+        fast_mode=get_path(job, "config.fast_mode", bool, False),
         **_references(job, job_type),
     )
     try:

@@ -1,5 +1,5 @@
 """The WAN daemon end to end on the tiny WAN (VACE) model: every reference mode, MP4s read back from
-storage, image job types, cancellation of a running video."""
+storage, image job types, cancellation of a running video, a fast-mode job."""
 from __future__ import annotations
 
 import io
@@ -102,3 +102,25 @@ def test_a_running_video_is_cancelled_within_a_step_and_the_next_job_runs(stack)
     daemon.terminate()
     assert daemon.wait(60) == 0
     assert stack.stored(f"{long['user_id']}/{long['id']}/") == {}
+
+
+def test_a_fast_mode_job_completes_and_says_so_in_its_callback(stack):
+    """config.fast_mode: true runs with the step cache at WAN_FAST_THRESHOLD and the callback says so; a
+    normal job's callback has no fast-mode keys; a fast_mode that is not a boolean fails naming it."""
+    fast = video_job("none", {"fast_mode": True}, config__num_inference_steps=3)
+    normal = load_payload("06_wan_video_fast_t2v.json", type="image_fast", job_type="wan_image_fast",
+                          config__num_inference_steps=2, config__seed=5)
+    wrong = video_job("none", {"fast_mode": "yes"})
+    for job in (fast, normal, wrong):
+        stack.r.rpush("wan_queue", encode(job, 1))
+    stack.run_burst("wan", WAN_FAST_THRESHOLD="0.5")
+    body = stack.final_callback(fast["id"])
+    assert body["status"] == "completed", body
+    assert body["metadata"]["fast_mode"] is True and body["metadata"]["fast_mode_threshold"] == 0.5
+    frames, *_ = read_mp4(stack.stored(body["assets"][0]["url"])[body["assets"][0]["url"]][0])
+    assert len(frames) == 5
+    body = stack.final_callback(normal["id"])
+    assert body["status"] == "completed", body
+    assert not {"fast_mode", "fast_mode_threshold"} & (set(body["metadata"]) | set(body["assets"][0]["metadata"]))
+    body = stack.final_callback(wrong["id"])
+    assert body["status"] == "failed" and body["metadata"]["field"] == "config.fast_mode", body

@@ -169,9 +169,7 @@ def test_on_step_exceptions_propagate(vace):
 
 
 def test_inputs_it_cannot_honour_are_refused(both):
-    with pytest.raises(PayloadError) as err:
-        both.run(request(fast_mode=True))
-    assert err.value.field == "fast_mode"
+    # (fast mode, and WAN_FAST_MODE_ALLOWED=false refusing it: tests/test_wan_fast_mode.py)
     with pytest.raises(PayloadError) as err:
         both.run(request(prompt="word " * 300))
     assert err.value.field == "prompt"
