@@ -1,16 +1,11 @@
 """SDXL: plain StableDiffusionXLPipeline (fp16, default scheduler) against pipelines.accel, same run, same card.
 
-    python -m bench.sdxl [--tiny] [--runs 3] [--compile-mode MODE] [--cache-dir DIR] [--fp8] [--skip-6img]
-                         [--skip-memory]
+    python -m bench.sdxl [--tiny] [--runs 3] [--compile-mode MODE] [--cache-dir DIR] [--skip-6img] [--skip-memory]
 
---fp8: after the accelerated figures, convert the UNet's token-wise linear layers to FP8
-(pipelines/fp8.py, GENQ_SDXL_FP8), recompile (CUDA) and time and compare again (fp8_* stages; results in
-sdxl_fp8.json). On a CPU the conversion runs eagerly, no compile. --skip-6img / --skip-memory leave out
-the 6-image figures and the memory tables, to spend a device call on FP8 only.
+--skip-6img / --skip-memory leave out the 6-image figures and the memory tables (a shorter device call).
 """
 from __future__ import annotations
 
-import gc
 
 import torch
 
@@ -49,8 +44,6 @@ def main() -> None:
     args = parse_args(__doc__, lambda ap: (ap.add_argument("--steps", type=int, default=25),
                                            ap.add_argument("--fast-steps", type=int, default=15),
                                            ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache"),
-                                           ap.add_argument("--fp8", action="store_true",
-                                                           help="then the UNet's linear layers in FP8 (fp8_* stages)"),
                                            ap.add_argument("--skip-6img", action="store_true",
                                                            help="leave out the 6-image figures"),
                                            ap.add_argument("--skip-memory", action="store_true",
@@ -61,7 +54,7 @@ def main() -> None:
         args.steps, args.fast_steps = 2, 1
     side = 64 if tiny else 1024
     wide = (64, 48) if tiny else (1024, 576)
-    rep = Report("sdxl_fp8" if args.fp8 else "sdxl", args)
+    rep = Report("sdxl", args)
     st: dict = {}
 
     def build():
@@ -83,17 +76,20 @@ def main() -> None:
                     output_type=output_type).images
 
     def figures(prefix: str, runs_6: int, between=None):
+        # Both 1-image figures before anything else calls the UNet: the equality check's direct calls and the
+        # 6-image batch are other input shapes and strides, which make dynamo recompile (then with dynamic
+        # sizes), and the per-step time is read from the 25- minus the 15-step figure of one graph.
         rep.stage(f"{prefix}_1img_{args.steps}steps", lambda: timed(lambda: call(1, args.steps), dev, args.runs,
                                                                      images=1, steps=args.steps))
+        rep.stage(f"{prefix}_1img_{args.fast_steps}steps",
+                  lambda: timed(lambda: call(1, args.fast_steps), dev, args.runs, images=1, steps=args.fast_steps),
+                  optional_cost_s=20)
         if between:
             between()
         if runs_6 and not args.skip_6img:
             rep.stage(f"{prefix}_6img_{args.steps}steps", lambda: timed(lambda: call(6, args.steps), dev, runs_6,
                                                                          images=6, steps=args.steps),
                       optional_cost_s={"baseline": None, "accel": 60}.get(prefix, 200))
-        rep.stage(f"{prefix}_1img_{args.fast_steps}steps",
-                  lambda: timed(lambda: call(1, args.fast_steps), dev, args.runs, images=1, steps=args.fast_steps),
-                  optional_cost_s=20)
 
     def reference():
         cap = UnetCapture(pipe.unet)
@@ -146,8 +142,6 @@ def main() -> None:
         with torch.no_grad():
             ours_img = (pipe.vae.decode(st["ref_latents"] / pipe.vae.config.scaling_factor).sample / 2 + 0.5)
             e2e_img = (pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample / 2 + 0.5)
-        # the accelerated (fp16 UNet, bf16 VAE) results, for --fp8 to separate its difference from these levers
-        st["accel_unet_out"], st["accel_latents"], st["accel_image"] = unet_out, lat, e2e_img.clamp(0, 1).float()
         return {"unet_same_input": compare(cap.out, unet_out),
                 "vae_decode_same_latents": compare(st["ref_image"], ours_img.clamp(0, 1)),
                 "end_to_end_latents": compare(st["ref_latents"], lat),
@@ -156,40 +150,6 @@ def main() -> None:
                               "end_to_end_image.psnr_db": 30}}
 
     figures("accel", runs_6=3, between=lambda: rep.stage("equality", check))
-
-    def to_fp8():
-        """The accelerated pipeline's UNet linears to FP8, in place; then a fresh compile (CUDA)."""
-        gc.collect()
-        before = memory(dev).get("allocated_gib")
-        report = accel.fp8_sdxl(pipe)
-        out = {"layers": report.layers, "bytes_saved_gib": round(report.bytes_saved / 1024**3, 3),
-               "kept_plain": list(report.kept), "allocated_gib_before": before}
-        if dev == "cuda":
-            torch._dynamo.reset()  # drop the bf16 graphs: the UNet and the VAE decoder compile again on first use
-            out["compile"] = accel.compile_sdxl(pipe, opts)
-        gc.collect()
-        reset_memory(dev)
-        return {**out, **memory(dev)}  # allocated: the resident weights after the conversion
-
-    def fp8_check():
-        cap, scale = st["unet_cap"], pipe.vae.config.scaling_factor
-        with torch.no_grad():
-            unet_out = pipe.unet(*cap.args, **cap.kwargs)
-        unet_out = unet_out[0] if isinstance(unet_out, tuple) else unet_out.sample
-        lat = call(1, args.steps, output_type="latent")
-        with torch.no_grad():
-            img = (pipe.vae.decode(lat / scale).sample / 2 + 0.5).clamp(0, 1)
-        res = {"unet_same_input_vs_baseline": compare(cap.out, unet_out),
-               "end_to_end_latents_vs_baseline": compare(st["ref_latents"], lat),
-               "end_to_end_image_vs_baseline": compare(st["ref_image"], img)}
-        if "accel_image" in st:  # FP8's own part of the difference: against the bf16/fp16 accelerated path
-            res.update(unet_same_input_vs_accel=compare(st["accel_unet_out"], unet_out),
-                       end_to_end_latents_vs_accel=compare(st["accel_latents"], lat),
-                       end_to_end_image_vs_accel=compare(st["accel_image"], img))
-        return res
-
-    if args.fp8 and rep.stage("fp8_convert", to_fp8) is not None:
-        figures("fp8", runs_6=3, between=lambda: rep.stage("fp8_equality", fp8_check))
 
     s = rep.data["stages"]
     rep["summary"] = {
@@ -202,18 +162,7 @@ def main() -> None:
         f"speedup_1img_{args.fast_steps}steps_min": ratio(s.get(f"baseline_1img_{args.fast_steps}steps"),
                                                           s.get(f"accel_1img_{args.fast_steps}steps")),
     }
-    if args.fp8:
-        rep["summary"] = {
-            **rep.data["summary"],
-            f"speedup_fp8_1img_{args.steps}steps_min": ratio(s.get(f"baseline_1img_{args.steps}steps"),
-                                                             s.get(f"fp8_1img_{args.steps}steps")),
-            f"fp8_vs_accel_1img_{args.steps}steps_min": ratio(s.get(f"accel_1img_{args.steps}steps"),
-                                                              s.get(f"fp8_1img_{args.steps}steps")),
-            f"throughput_fp8_6img_{args.steps}steps_min": ratio(s.get(f"baseline_6img_{args.steps}steps"),
-                                                                s.get(f"fp8_6img_{args.steps}steps")),
-            # one guided UNet step (plus its scheduler step), from the 25- vs 15-step difference
-            "accel_step_ms": _step_ms(s, "accel", args), "fp8_step_ms": _step_ms(s, "fp8", args),
-        }
+    rep["summary"] = {**rep.data["summary"], "accel_step_ms": _step_ms(s, "accel", args)}  # one guided step
     print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)
 
 

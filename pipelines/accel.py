@@ -1,10 +1,9 @@
 """GPU speed-ups the production pipelines opt into from their setup().
 
 Every helper keeps results equal to the plain diffusers / transformers path within the tolerances
-measured by bench/ (docs/PERFORMANCE.md), except the opt-in WAN step cache and SDXL FP8 linears,
-approximations whose differences are measured separately (bench/wan.py, bench/sdxl.py --fp8).  On a
-CPU the helpers apply only the eager, numerically equivalent changes and never compile, so tests
-exercise the same code paths as the GPU daemon.
+measured by bench/ (docs/PERFORMANCE.md), except the opt-in WAN step cache, an approximation whose
+difference is measured separately.  On a CPU the helpers apply only the eager, numerically
+equivalent changes and never compile, so tests exercise the same code paths as the GPU daemon.
 
 Switches (environment, read by AccelOptions.from_env):
   GENQ_ACCEL=1               fused QKV, channels-last, bf16 VAE decode, attention backend
@@ -15,28 +14,19 @@ Switches (environment, read by AccelOptions.from_env):
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
   GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
-  GENQ_SDXL_FP8=1            SDXL UNet's transformer-block linear layers as FP8 matmuls (Ada/Hopper, compute
-                             capability >= 8.9; skipped elsewhere). An approximation, opt-in: pipelines/fp8.py
 
 Qwen 2.5 decoding (the chat batching engine's decoder) lives in pipelines/decoder.py; its switches are
 GENQ_CHAT_* (pipelines/chat_batch.py, docs/CHAT.md "Batching").
 """
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
 _TRUE = {"1", "true", "yes", "on"}
-# float8 matmuls (torch._scaled_mm): Ada (8.9) and Hopper (9.0) and later.
-FP8_CAPABILITY = (8, 9)
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,9 +45,6 @@ class AccelOptions:
     # shape (+35 GiB for a moment in a WAN VAE decode on an H200, beyond any admission budget): only
     # for a daemon that has its card to itself.
     cudnn_benchmark: bool = False
-    # FP8 (e4m3) weights and per-token activation scales for the UNet's token-wise linear layers: Hopper
-    # runs them at twice the bf16 rate, but each operand keeps only 3 mantissa bits (pipelines/fp8.py).
-    sdxl_fp8: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "AccelOptions":
@@ -72,7 +59,6 @@ class AccelOptions:
             wan_attention_backend=env.get("GENQ_WAN_ATTENTION", "_native_cudnn"),
             wan_vae_bf16=env.get("GENQ_WAN_VAE_BF16", "0").strip().lower() in _TRUE,
             cudnn_benchmark=env.get("GENQ_CUDNN_BENCHMARK", "0").strip().lower() in _TRUE,
-            sdxl_fp8=env.get("GENQ_SDXL_FP8", "0").strip().lower() in _TRUE,
         )
 
 
@@ -138,38 +124,9 @@ def accelerate_sdxl(pipe, opts: AccelOptions) -> list[str]:
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     applied.append("channels_last")
-    if opts.sdxl_fp8:
-        device = next(pipe.unet.parameters()).device
-        capability = torch.cuda.get_device_capability(device)
-        if capability >= FP8_CAPABILITY:
-            applied.append(f"fp8_linear:{fp8_sdxl(pipe).layers}")
-        else:
-            log.warning("GENQ_SDXL_FP8 ignored: %s has compute capability %d.%d, float8 matmuls need %d.%d",
-                        torch.cuda.get_device_name(device), *capability, *FP8_CAPABILITY)
     if opts.compile:
         applied.append(compile_sdxl(pipe, opts))
     return applied
-
-
-def _fp8_module():
-    """pipelines.fp8, also when this file was loaded on its own (bench.harness.import_accel)."""
-    try:
-        from . import fp8
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("genq_fp8", os.path.join(os.path.dirname(__file__), "fp8.py"))
-        fp8 = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(fp8)
-    return fp8
-
-
-def fp8_sdxl(pipe):
-    """The UNet's token-wise linear layers as FP8 matmuls, in place, on any device (accelerate_sdxl checks
-    the card). Run after fuse_qkv_projections and before compiling: a compiled UNet must be recompiled.
-    Returns pipelines.fp8.Fp8Report (layers converted, weight bytes freed, layers kept plain)."""
-    report = _fp8_module().convert_unet_linears(pipe.unet)
-    log.info("sdxl fp8: %d linear layers in float8 (%.2f GiB of weights freed)%s", report.layers,
-             report.bytes_saved / 1024**3, f", {len(report.kept)} kept plain (shapes)" if report.kept else "")
-    return report
 
 
 def compile_sdxl(pipe, opts: AccelOptions) -> str:
