@@ -2,7 +2,7 @@
 on pipelines.decoder.FastDecoder), same process, same card.
 
     python -m bench.qwen [--tiny] [--runs 3] [--prompt-tokens 300] [--new-tokens 256] [--batch 16]
-                         [--compile-mode reduce-overhead] [--no-tune-single-row] [--attention packed|repeat]
+                         [--compile-mode reduce-overhead] [--no-tune-single-row] [--attention auto|packed|matmul|repeat]
                          [--budget-s 290] [--out DIR]
 
 Stages: build; baseline generate() at 1 stream, its time to first token, at --batch streams; the
@@ -25,6 +25,7 @@ from bench.harness import Report, compare, memory, parse_args, ratio, reset_memo
 from bench.models import build_qwen
 from pipelines.decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
 from pipelines.chat_batch import BatchEngine, BatchOptions, EngineModel, RowRequest
+from pipelines.chat_options import ATTENTION_MODES
 
 
 def _stats(values: list[float]) -> dict:
@@ -39,7 +40,7 @@ def main() -> None:
                                            ap.add_argument("--no-tune-single-row", action="store_true",
                                                            help="no coordinate-descent tuning of the 1-row graph"),
                                            ap.add_argument("--attention", default="packed",
-                                                           choices=("packed", "repeat")),
+                                                           choices=ATTENTION_MODES),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')")))
     dev = args.device

@@ -69,14 +69,15 @@ def qwen():
     return build_qwen("cpu", tiny=True)
 
 
-def test_fast_decoder_matches_generate_on_left_padded_batches(qwen):
+@pytest.mark.parametrize("attention", ["packed", "matmul", "repeat"])
+def test_fast_decoder_matches_generate_on_left_padded_batches(qwen, attention):
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (2, 12))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     ids[1, :4] = 0
     ref = qwen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, 12:].tolist()
-    got = FastDecoder(qwen, max_len=64, compile=True).generate(ids, mask, [10, 7])
+    got = FastDecoder(qwen, max_len=64, compile=True, attention=attention).generate(ids, mask, [10, 7])
     assert got == [ref[0], ref[1][:7]]
 
 
