@@ -621,8 +621,8 @@ class Scenario:
         # The chat batching engine (on by default on CUDA) also on the CPU, so that --tiny runs its code;
         # its decode step eager unless --chat-compile (a fresh machine compiles ~1-2 min at start).
         env.update(GENQ_CHAT_BATCH="1", GENQ_CHAT_COMPILE="1" if self.args.chat_compile else "0")
-        if self.args.tiny:
-            env.update(GENQ_DEVICE="cpu", OMP_NUM_THREADS="2")
+        if self.args.tiny:  # WAN's warm-up at the tiny jobs' 5 frames, not a full 81-frame video on the CPU
+            env.update(GENQ_DEVICE="cpu", OMP_NUM_THREADS="2", WAN_WARMUP_FRAMES="5")
         if self.name == "48GB" or self.args.tiny:
             env["GENQ_SIMULATED_GPUS"] = "48GB" if self.name == "48GB" else "80GB"  # CPU: a stand-in card
         if self.name in self.p.warmup:
