@@ -13,6 +13,7 @@ import torch
 
 from bench.harness import Report, compare, import_accel, memory, parse_args, ratio, reset_memory, sync
 from bench.models import build_umt5, build_wan
+from pipelines.step_cache import set_wan_step_cache
 
 
 def main() -> None:
@@ -133,7 +134,7 @@ def main() -> None:
     rep.stage("memory_accel_1frame", lambda: memory_1frame("accel"), optional_cost_s=30)
 
     def full(threshold: float | None):
-        accel.set_wan_step_cache(pipe, threshold)
+        set_wan_step_cache(pipe, threshold)
         try:
             call(2)  # warm-up: hooks change the traced code
             t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def main() -> None:
             sync(dev)
             took = time.perf_counter() - t0
         finally:
-            accel.set_wan_step_cache(pipe, None)
+            set_wan_step_cache(pipe, None)
         res = {"denoise_s": round(took, 3), "steps": args.full_steps}
         if threshold is None:
             st["full_latents"] = lat

@@ -1,8 +1,8 @@
 """GPU speed-ups the production pipelines opt into from their setup().
 
 Every helper keeps results equal to the plain diffusers / transformers path within the tolerances
-measured by bench/ (docs/PERFORMANCE.md), except the opt-in WAN step cache, an approximation whose
-difference is measured separately.  On a CPU the helpers apply only the eager, numerically
+measured by bench/ (docs/PERFORMANCE.md); the opt-in WAN step cache, an approximation, lives in
+pipelines/step_cache.py.  On a CPU the helpers apply only the eager, numerically
 equivalent changes and never compile, so tests exercise the same code paths as the GPU daemon.
 
 Switches (environment, read by AccelOptions.from_env):
@@ -168,20 +168,3 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
         pipe.transformer.compile_repeated_blocks(mode=opts.compile_mode)
         applied.append(f"compile_blocks:{opts.compile_mode or 'default'}")
     return applied
-
-
-def set_wan_step_cache(pipe, threshold: float | None) -> None:
-    """Opt-in, per job: first-block cache (skip the other blocks while the first block's residual barely moves).
-
-    threshold None or 0 turns it off.  An approximation: bench/ reports its difference.
-    """
-    from diffusers.hooks import FirstBlockCacheConfig
-
-    transformer = pipe.transformer
-    if getattr(transformer, "_genq_step_cache", None) == threshold:
-        return
-    if getattr(transformer, "_genq_step_cache", None):
-        transformer.disable_cache()
-    if threshold:
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    transformer._genq_step_cache = threshold or None

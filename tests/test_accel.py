@@ -7,8 +7,9 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from bench.harness import compare
 from bench.models import build_qwen, build_sdxl, build_wan
-from pipelines.accel import AccelOptions, accelerate_sdxl, accelerate_wan, set_wan_step_cache
+from pipelines.accel import AccelOptions, accelerate_sdxl, accelerate_wan
 from pipelines.decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
+from pipelines.step_cache import set_wan_step_cache
 
 
 def test_options_come_from_the_environment():

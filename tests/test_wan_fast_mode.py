@@ -9,7 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipelines.wan import WanSettings, WanVideoPipeline, set_step_cache
+from pipelines.step_cache import set_wan_step_cache
+from pipelines.wan import WanSettings, WanVideoPipeline
 from schemas.errors import PayloadError
 from schemas.settings import Settings
 from schemas.wan import adapt_wan
@@ -172,7 +173,7 @@ def test_a_failing_fast_job_leaves_no_cache_behind(pipe, calls, monkeypatch):
 def test_a_skipped_step_reuses_exactly_the_cached_result(pipe, name):
     """Same input twice within one job: the second call skips the later blocks and must give the first
     call's output. On VACE, diffusers' FirstBlockCache alone adds the VACE hints a second time (30% off
-    on the tiny model): set_step_cache's guard keeps it exact."""
+    on the tiny model): set_wan_step_cache's guard keeps it exact."""
     p = pipe._t2v if name == "t2v" else pipe._vace
     transformer = p.transformer
     generator = torch.Generator().manual_seed(0)
@@ -182,15 +183,15 @@ def test_a_skipped_step_reuses_exactly_the_cached_result(pipe, name):
         inputs["control_hidden_states"] = torch.randn(1, 96, 2, 4, 4, generator=generator)
     try:
         with torch.no_grad():
-            set_step_cache(p, None)  # an earlier test's fast job may have been the last one here
+            set_wan_step_cache(p, None)  # an earlier test's fast job may have been the last one here
             plain = transformer(**inputs)[0]
-            set_step_cache(p, 0.5)
+            set_wan_step_cache(p, 0.5)
             outputs = []
             for _ in range(2):
                 with transformer.cache_context("cond"):
                     outputs.append(transformer(**inputs)[0])
     finally:
-        set_step_cache(p, None)
+        set_wan_step_cache(p, None)
     assert torch.equal(outputs[0], plain)
     assert torch.allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
