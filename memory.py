@@ -201,11 +201,22 @@ def _interpolate(points: Sequence[tuple[int, int]], x: int) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
+# A WAN job in fast mode (pipelines/step_cache.py) keeps diffusers' first-block cache state for the
+# conditional and the unconditional pass: 3 hidden-state tensors each (head output, head residual, tail
+# residual) of latent tokens x 1536 (WAN 2.1 1.3B's width) in bf16. A latent token covers 16x16 pixels of
+# 4 frames (VAE 8x8x4, patches 2x2): 2 x 3 x 1536 x 2 bytes / 1024 = 18 bytes per pixel-frame, ~0.6 GB
+# at 832x480x81. Not in the measured table (bench/memory_table.py measured the uncached path).
+WAN_STEP_CACHE_BYTES_PER_UNIT = 18
+
+
 def job_peak_bytes(request: Any) -> int:
     """Working memory a job needs ON TOP of its daemon's resident weights (what to reserve)."""
     spec = table()["jobs"][request.family]
     points = [(p["units"], p["peak_bytes"] - p["resident_bytes"]) for p in spec["points"]]
-    return int(max(0.0, _interpolate(points, job_units(request))) * table()["safety_factor"])
+    peak = max(0.0, _interpolate(points, job_units(request)))
+    if request.family == "wan" and getattr(request, "fast_mode", False):
+        peak += WAN_STEP_CACHE_BYTES_PER_UNIT * job_units(request)
+    return int(peak * table()["safety_factor"])
 
 
 def job_need_bytes(request: Any, settings: Any) -> int:

@@ -55,6 +55,12 @@ def test_job_peak_follows_shape_not_steps():
     video = adapt_wan(payload("06_wan_video_fast_t2v.json"))
     longer = video.model_copy(update={"num_frames": 161})
     assert memory.job_peak_bytes(video) < memory.job_peak_bytes(longer)
+    # fast mode also keeps the step cache's hidden states: ~0.6 GB more at 832x480x81
+    fast = video.model_copy(update={"fast_mode": True})
+    extra = memory.job_peak_bytes(fast) - memory.job_peak_bytes(video)
+    units = video.width * video.height * video.num_frames
+    assert extra == pytest.approx(memory.WAN_STEP_CACHE_BYTES_PER_UNIT * units * memory.table()["safety_factor"], abs=2)
+    assert 0.4 * GIB < extra < 1.0 * GIB
 
     short = memory.shape("chat", messages=[], max_new_tokens=200)
     long = memory.shape("chat", messages=[memory.shape("m", content="x" * 20000)], max_new_tokens=200)
