@@ -32,7 +32,7 @@ def generate(runtime, job: Job | None, payload: dict, adapt: Callable[[dict], An
             outputs = runtime.pipeline.run(request, inputs, on_step=progress.on_step)
         runtime.turn.give_back()  # the next job's GPU work may start while this one uploads
         generation_time = round(time.monotonic() - started, 3)
-        progress.set_stage("uploading")
+        progress.set_stage("uploading", complete=True)
         stored = store(request, outputs)
     finally:
         progress.close()

@@ -37,9 +37,11 @@ class Progress:
             self._sender = threading.Thread(target=self._send_loop, daemon=True, name="genq-progress")
             self._sender.start()
 
-    def set_stage(self, stage: str) -> None:
+    def set_stage(self, stage: str, complete: bool = False) -> None:
+        """A new stage starts at 0, or at 100 when `complete` (uploading: the output exists), so a single
+        progress bar in the web app does not fall back to 0 after generation."""
         self.stage = stage
-        self.update(0, 1, force_meta=True)
+        self.update(int(complete), 1, force_meta=True)
 
     def on_step(self, done: int, total: int) -> None:
         """Called by the pipeline after each step (or token); may raise Cancelled."""

@@ -54,3 +54,19 @@ def test_at_most_one_processing_callback_per_interval(monkeypatch):
         progress.close()
     assert [b["metadata"]["progress"] for b in uploader.bodies] == [20, 50, 70]
     assert all(b["status"] == "processing" and b["job_id"] == "job-1" for b in uploader.bodies)
+
+
+def test_uploading_keeps_the_bar_at_100(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(progress_module.time, "monotonic", clock)
+    uploader = Recorder()
+    runtime = SimpleNamespace(redis=fakeredis.FakeRedis(), uploader=uploader, worker_id="w",
+                              settings=SimpleNamespace(progress_min_interval_s=1.0))
+    progress = Progress(runtime, None, "job-2")
+    try:
+        clock.now += 1.0
+        progress.set_stage("uploading", complete=True)
+        assert uploader.posted.wait(10)
+    finally:
+        progress.close()
+    assert uploader.bodies[-1]["metadata"] == {"progress": 100, "stage": "uploading"}
