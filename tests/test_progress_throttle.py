@@ -5,6 +5,7 @@ import threading
 from types import SimpleNamespace
 
 import fakeredis
+import pytest
 
 from consumers import progress as progress_module
 from consumers.progress import Progress
@@ -30,13 +31,23 @@ class Recorder:
         self.posted.set()
 
 
-def test_at_most_one_processing_callback_per_interval(monkeypatch):
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
     clock = Clock()
     monkeypatch.setattr(progress_module.time, "monotonic", clock)
+    return clock
+
+
+def _progress(job_id: str) -> tuple[Progress, Recorder]:
+    """A job's Progress with a one-second interval, posting to a Recorder."""
     uploader = Recorder()
     runtime = SimpleNamespace(redis=fakeredis.FakeRedis(), uploader=uploader, worker_id="w",
                               settings=SimpleNamespace(progress_min_interval_s=1.0))
-    progress = Progress(runtime, None, "job-1")
+    return Progress(runtime, None, job_id), uploader
+
+
+def test_at_most_one_processing_callback_per_interval(clock):
+    progress, uploader = _progress("job-1")
     # (seconds since start, step of 10, whether a callback is due: one interval since the last one)
     plan = [(0.5, 1, False), (1.0, 2, True), (1.2, 3, False), (1.9, 4, False), (2.1, 5, True),
             (2.5, 6, False), (3.2, 7, True), (3.3, 8, False)]
@@ -56,13 +67,8 @@ def test_at_most_one_processing_callback_per_interval(monkeypatch):
     assert all(b["status"] == "processing" and b["job_id"] == "job-1" for b in uploader.bodies)
 
 
-def test_uploading_keeps_the_bar_at_100(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(progress_module.time, "monotonic", clock)
-    uploader = Recorder()
-    runtime = SimpleNamespace(redis=fakeredis.FakeRedis(), uploader=uploader, worker_id="w",
-                              settings=SimpleNamespace(progress_min_interval_s=1.0))
-    progress = Progress(runtime, None, "job-2")
+def test_uploading_keeps_the_bar_at_100(clock):
+    progress, uploader = _progress("job-2")
     try:
         clock.now += 1.0
         progress.set_stage("uploading", complete=True)
