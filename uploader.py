@@ -422,15 +422,12 @@ class Uploader:
         def store_png(path: str, img: Image.Image) -> StoredFile:
             return self.upload(path, encode_png(img, level), "image/png")
 
-        def store_thumbnail(path: str, img: Image.Image) -> StoredFile:
-            return self.upload(path, encode_webp_thumbnail(img), "image/webp")
-
         # FFmpeg, libwebp and the sockets release the GIL. A PNG and its thumbnail are independent, so
         # each is its own task: a lone image's thumbnail is done while its PNG still encodes, and a
         # 6-image job keeps STORE_THREADS busy. Every task has ended (or failed) before this returns.
         paths = [image_paths(user_id, job_id, i) for i in range(len(images))]
         with ThreadPoolExecutor(max_workers=max(1, min(STORE_THREADS, 2 * len(images)))) as pool:
-            tasks = [(pool.submit(store_png, png_path, img), pool.submit(store_thumbnail, thumb_path, img))
+            tasks = [(pool.submit(store_png, png_path, img), pool.submit(self._store_thumbnail, thumb_path, img))
                      for (png_path, thumb_path), img in zip(paths, images)]
             stored = [(png.result(), thumb.result()) for png, thumb in tasks]
         return [StoredAsset(png.path, thumb.path, img.width, img.height, png.size)
@@ -441,17 +438,16 @@ class Uploader:
         """`<user>/<job>/0.mp4` and `0.thumb.webp` from the middle frame."""
         base = _job_prefix(user_id, job_id)
         array = _video_array(frames)
-
-        def store_thumbnail() -> StoredFile:
-            return self.upload(f"{base}/0.thumb.webp", encode_webp_thumbnail(Image.fromarray(array[len(array) // 2])),
-                               "image/webp")
-
         # The thumbnail is encoded and uploaded while FFmpeg encodes the MP4 (both release the GIL).
         with ThreadPoolExecutor(max_workers=1) as pool:
-            thumb_task = pool.submit(store_thumbnail)
+            thumb_task = pool.submit(self._store_thumbnail, f"{base}/0.thumb.webp",
+                                     Image.fromarray(array[len(array) // 2]))
             video = self.upload(f"{base}/0.mp4", encode_mp4(array, fps), "video/mp4")
             thumb = thumb_task.result()
         return StoredAsset(video.path, thumb.path, array.shape[2], array.shape[1], video.size)
+
+    def _store_thumbnail(self, path: str, img: Image.Image) -> StoredFile:
+        return self.upload(path, encode_webp_thumbnail(img), "image/webp")
 
     # --- caller ------------------------------------------------------------------------------
 

@@ -289,6 +289,7 @@ class FastDecoder:
         x = self.inner.embed_tokens(tokens[:, None])
         cos, sin = self.inner.rotary_emb(x, positions[:, None])
         keep = mask[:, None, None, :]
+        mode = self.attention if self.attention != "auto" else ("matmul" if b == 1 else "packed")  # per shape
         for i, (layer, f) in enumerate(zip(self.layers, fused)):
             attn = layer.self_attn
             q, k, v = project_qkv(attn, layer.input_layernorm(x), f)
@@ -299,7 +300,6 @@ class FastDecoder:
             keys, values = kv[2 * i], kv[2 * i + 1]
             keys.index_copy_(2, column, k)
             values.index_copy_(2, column, v)
-            mode = self.attention if self.attention != "auto" else ("matmul" if b == 1 else "packed")
             if mode == "packed":
                 # Query heads sharing a key/value head become that head's query rows: no repeated cache.
                 q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)

@@ -36,8 +36,8 @@ from schemas.wan import (DEFAULT_DURATION_S, MIN_VIDEO_FRAMES, NATIVE_SIZES, REF
                          frames_for_duration)
 
 from .accel import AccelOptions, accelerate_wan
-from .step_cache import set_wan_step_cache
 from .loading import TINY, pick_device, pick_dtype, resolve_model_path
+from .step_cache import set_wan_step_cache
 from .tiny_wan import build_tiny_wan, build_tiny_wan_vace
 
 log = logging.getLogger(__name__)
