@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: install the carried wheels, record the software, then run the named benchmarks.
-#   bash bench/run_device.sh smoke sdxl qwen wan      (each name: smoke | sdxl | qwen | wan)
+#   bash bench/run_device.sh smoke sdxl qwen wan gemv      (each name: smoke | sdxl | qwen | wan | gemv)
 # Per-benchmark wall limits keep the whole call inside the device tool's 10 minutes; each writes
 # $OUT/<name>.json after every stage, so a cut-off run still returns its figures.
 set -o pipefail
@@ -13,7 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, diffusers, transformers; print('versions', torch.__version__, diffusers.__version__, transformers.__version__, torch.cuda.get_device_name())" || exit 1
-limit() { case $1 in sdxl) echo ${SDXL_S:-520};; qwen) echo ${QWEN_S:-290};; wan) echo ${WAN_S:-270};; *) echo 120;; esac; }
+limit() { case $1 in sdxl) echo ${SDXL_S:-520};; qwen) echo ${QWEN_S:-290};; wan) echo ${WAN_S:-270};; gemv) echo ${GEMV_S:-240};; *) echo 120;; esac; }
 for name in "$@"; do
   if [ "$name" = smoke ]; then
     for b in sdxl qwen wan; do

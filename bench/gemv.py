@@ -1,0 +1,137 @@
+"""Matrix-vector products of a one-row Qwen 2.5 7B decode step: achieved bandwidth per method and shape.
+
+    python -m bench.gemv [--tiny] [--out DIR] [--budget-s S]
+
+For each projection shape (q|k|v with bias, o, down, gate|up, LM head): cuBLAS (F.linear), inductor's
+fused reduction (coordinate-descent tuned, as the chat decoder compiles it; for down also with its
+producer SiLU(gate) * up fused in, as in the decode graph), and `pipelines.gemv`'s split-K kernel over a
+sweep of block sizes. Every figure is a CUDA-graph replay over enough copies of the weight that none is
+served from L2 (as a decode step reads 28 layers' weights once each), so launch overhead and cache hits
+do not flatter small kernels. Writes OUT/gemv.json: GB/s per method, the best split-K config per shape
+(the table `pipelines.gemv.TUNED` is filled from), and the full `gemv.linear` (kernel + partial sums +
+bias) at that config.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Report, parse_args
+from pipelines import gemv
+
+# name, out_features, in_features, bias (Qwen 2.5 7B: hidden 3584, MLP 18944, 28 + 2 x 4 heads of 128)
+SHAPES = [("qkv", 4608, 3584, True), ("o", 3584, 3584, False), ("down", 3584, 18944, False),
+          ("gate_up", 37888, 3584, False), ("lm_head", 152064, 3584, False)]
+TINY = [("qkv", 96, 64, True), ("down", 64, 256, False)]
+
+
+def _graph_time(fn, reps: int, device: str) -> float:
+    """Seconds per call of fn (which runs every weight copy once), replayed as one CUDA graph."""
+    if device != "cuda":
+        fn()
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    for _ in range(2):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    del graph
+    return min(times)
+
+
+def _configs(n: int, k: int, tiny: bool):
+    if tiny:
+        yield gemv.Config(16, 32, 2, 4)
+        return
+    for bn, bk, split, warps in itertools.product((4, 8, 16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 8, 16),
+                                                  (4, 8)):
+        if 1024 <= bn * bk <= 16384 and k // split >= bk and bn <= n:
+            yield gemv.Config(bn, bk, split, warps)
+
+
+def _shape(name, n, k, bias, args, report, device) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bytes_per = n * k * 2 + (n * 2 if bias else 0)
+    copies = 1 if args.tiny else max(2, math.ceil(400e6 / bytes_per))  # 8x the H200's 50 MB L2
+    ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+    bs = [torch.randn(n, device=device, dtype=dtype) if bias else None for _ in range(copies)]
+    xs = [torch.randn(1, 1, k, device=device, dtype=dtype) for _ in range(copies)]
+    reps = 1 if args.tiny else max(1, math.ceil(2e9 / (bytes_per * copies)))
+    rate = lambda seconds: round(bytes_per / seconds / 1e9, 1)  # noqa: E731  GB/s per call
+    row = {"n": n, "k": k, "bias": bias, "mbytes": round(bytes_per / 1e6, 1), "copies": copies}
+
+    def each(f):
+        return lambda: [f(x, w, b) for x, w, b in zip(xs, ws, bs)]
+
+    row["cublas_gbs"] = rate(_graph_time(each(F.linear), reps, device) / copies)
+    if device == "cuda":
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(coordinate_descent_tuning=True):
+            ind = torch.compile(lambda x, w, b: F.linear(x, w, b), dynamic=False)
+            row["inductor_gbs"] = rate(_graph_time(each(ind), reps, device) / copies)
+            if name == "down":  # the decode graph's shape: the vector's producer fused into each row's program
+                gus = [torch.randn(1, 1, 2 * k, device=device, dtype=dtype) for _ in range(copies)]
+                fused = torch.compile(lambda gu, w: F.linear(F.silu(gu[..., :k]) * gu[..., k:], w), dynamic=False)
+                row["inductor_producer_fused_gbs"] = rate(
+                    _graph_time(lambda: [fused(g, w) for g, w in zip(gus, ws)], reps, device) / copies)
+    if not gemv.available(xs[0]):
+        return row
+    best = None
+    for cfg in _configs(n, k, args.tiny):
+        if report.elapsed() > args.budget_s:
+            row["sweep_cut_by_budget"] = True
+            break
+        kernel = lambda x, w, b: gemv.partials(x.view(-1), w, cfg)  # noqa: E731
+        try:
+            seconds = _graph_time(each(kernel), reps, device) / copies
+        except Exception as exc:  # a config Triton cannot compile (registers, shared memory): skip it
+            row.setdefault("failed_configs", []).append([*cfg, type(exc).__name__])
+            continue
+        if best is None or seconds < best[1]:
+            best = (cfg, seconds)
+    if best:
+        cfg, seconds = best
+        row["splitk_best"] = cfg._asdict()
+        row["splitk_kernel_gbs"] = rate(seconds)
+        full = lambda x, w, b: gemv.linear(x, w, b, cfg)  # noqa: E731
+        row["splitk_linear_gbs"] = rate(_graph_time(each(full), reps, device) / copies)
+        row["heuristic"] = gemv.config_for(n, k)._asdict()
+        heur = lambda x, w, b: gemv.partials(x.view(-1), w, gemv.config_for(n, k))  # noqa: E731
+        row["heuristic_kernel_gbs"] = rate(_graph_time(each(heur), reps, device) / copies)
+        y, ref = gemv.linear(xs[0], ws[0], bs[0], cfg).float(), F.linear(xs[0], ws[0], bs[0]).float()
+        row["rel_l2_vs_cublas"] = float((y - ref).norm() / ref.norm())
+    return row
+
+
+def main():
+    args = parse_args(__doc__)
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    report = Report("gemv", args)
+    for name, n, k, bias in TINY if args.tiny else SHAPES:
+        report.stage(name, lambda: _shape(name, n, k, bias, args, report, device))
+
+
+if __name__ == "__main__":
+    main()
