@@ -5,11 +5,10 @@
 For each projection shape (q|k|v with bias, o, down, gate|up, LM head): cuBLAS (F.linear), inductor's
 fused reduction (coordinate-descent tuned, as the chat decoder compiles it; for down also with its
 producer SiLU(gate) * up fused in, as in the decode graph), and `pipelines.gemv`'s split-K kernel over a
-sweep of block sizes. Every figure is a CUDA-graph replay over enough copies of the weight that none is
+sweep of block sizes and splits (the op as the decode step runs it: kernel, partial sums, bias). Every figure is a CUDA-graph replay over enough copies of the weight that none is
 served from L2 (as a decode step reads 28 layers' weights once each), so launch overhead and cache hits
-do not flatter small kernels. Writes OUT/gemv.json: GB/s per method, the best split-K config per shape
-(the table `pipelines.gemv.TUNED` is filled from), and the full `gemv.linear` (kernel + partial sums +
-bias) at that config.
+do not flatter small kernels. Writes OUT/gemv.json: GB/s per method and the best split-K config per
+shape and per split (`pipelines.gemv.TUNED` is filled from it; `install_table` does so in-process).
 """
 from __future__ import annotations
 
@@ -98,31 +97,40 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
                     _graph_time(lambda: [fused(g, w) for g, w in zip(gus, ws)], reps, device) / copies)
     if not gemv.available(xs[0]):
         return row
-    best = None
+    best: dict[int, tuple] = {}  # split -> (config, seconds): the op as the decode step runs it
     for cfg in _configs(n, k, args.tiny):
         if report.elapsed() > args.budget_s:
             row["sweep_cut_by_budget"] = True
             break
-        kernel = lambda x, w, b: gemv.partials(x.view(-1), w, cfg)  # noqa: E731
         try:
-            seconds = _graph_time(each(kernel), reps, device) / copies
+            seconds = _graph_time(each(lambda x, w, b: gemv.product(x.view(-1), w, b, cfg)), reps, device) / copies
         except Exception as exc:  # a config Triton cannot compile (registers, shared memory): skip it
             row.setdefault("failed_configs", []).append([*cfg, type(exc).__name__])
             continue
-        if best is None or seconds < best[1]:
-            best = (cfg, seconds)
+        if cfg.split not in best or seconds < best[cfg.split][1]:
+            best[cfg.split] = (cfg, seconds)
     if best:
-        cfg, seconds = best
-        row["splitk_best"] = cfg._asdict()
-        row["splitk_kernel_gbs"] = rate(seconds)
-        full = lambda x, w, b: gemv.linear(x, w, b, cfg)  # noqa: E731
-        row["splitk_linear_gbs"] = rate(_graph_time(each(full), reps, device) / copies)
-        row["heuristic"] = gemv.config_for(n, k)._asdict()
-        heur = lambda x, w, b: gemv.partials(x.view(-1), w, gemv.config_for(n, k))  # noqa: E731
-        row["heuristic_kernel_gbs"] = rate(_graph_time(each(heur), reps, device) / copies)
-        y, ref = gemv.linear(xs[0], ws[0], bs[0], cfg).float(), F.linear(xs[0], ws[0], bs[0]).float()
+        row["splitk_best_per_split"] = {s: {**c._asdict(), "gbs": rate(t)} for s, (c, t) in sorted(best.items())}
+        cfg, seconds = min(best.values(), key=lambda item: item[1])
+        row["splitk_best"] = {**cfg._asdict(), "gbs": rate(seconds)}
+        y = gemv.product(xs[0].view(-1), ws[0], bs[0], cfg).float()
+        ref = F.linear(xs[0], ws[0], bs[0]).float().view(-1)
         row["rel_l2_vs_cublas"] = float((y - ref).norm() / ref.norm())
+        row["deterministic"] = bool(torch.equal(y, gemv.product(xs[0].view(-1), ws[0], bs[0], cfg).float()))
     return row
+
+
+def install_table(path: str) -> dict:
+    """Fill pipelines.gemv.TUNED from a gemv.json: each shape whose best split-K config beat inductor's
+    reduction by 2% or more. Returns the table installed."""
+    import json
+
+    for row in json.load(open(path))["stages"].values():
+        best, inductor = row.get("splitk_best"), row.get("inductor_gbs") or 0
+        if best and best["gbs"] >= 1.02 * inductor:
+            gemv.TUNED[(row["n"], row["k"])] = gemv.Config(best["block_n"], best["block_k"], best["split"],
+                                                           best["warps"])
+    return {f"{n}x{k}": list(c) for (n, k), c in gemv.TUNED.items()}
 
 
 def main():

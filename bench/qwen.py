@@ -43,12 +43,18 @@ def main() -> None:
                                            ap.add_argument("--attention", default="packed",
                                                            choices=ATTENTION_MODES),
                                            ap.add_argument("--gemv", default="inductor", choices=GEMV_MODES),
+                                           ap.add_argument("--gemv-table", help="a bench/gemv.py result: its "
+                                                           "winning configs instead of pipelines.gemv.TUNED"),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')")))
     dev = args.device
     if args.tiny:
         args.prompt_tokens, args.new_tokens, args.batch = 12, 8, 3
     rep = Report("qwen", args)
+    if args.gemv_table:
+        from bench.gemv import install_table
+
+        rep["gemv_table"] = install_table(args.gemv_table)
     st: dict = {}
 
     def build():

@@ -85,6 +85,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--attention", default="packed,matmul")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--gemv-table", help="a bench/gemv.py result whose winning configs fill pipelines.gemv.TUNED")
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/qwen-profile")
     args = ap.parse_args()
@@ -93,11 +94,16 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("qwen_profile needs CUDA (the profile is of CUDA kernels)")
         return 1
+    table = None
+    if args.gemv_table:
+        from bench.gemv import install_table
+
+        table = install_table(args.gemv_table)
     model = build_qwen("cuda", tiny=args.tiny)
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "weights_gb": round(weight_gb, 2),
-              "modes": {}}
+              "gemv_table": table, "modes": {}}
     path = out / "qwen_profile.json"
     for mode in filter(None, args.attention.split(",")):
         attention, _, gemv = mode.partition("/")
