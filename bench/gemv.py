@@ -4,11 +4,11 @@
 
 For each projection shape (q|k|v with bias, o, down, gate|up, LM head): cuBLAS (F.linear), inductor's
 fused reduction (coordinate-descent tuned, as the chat decoder compiles it; for down also with its
-producer SiLU(gate) * up fused in, as in the decode graph), and `pipelines.gemv`'s split-K kernel over a
-sweep of block sizes and splits (the op as the decode step runs it: kernel, partial sums, bias). Every figure is a CUDA-graph replay over enough copies of the weight that none is
-served from L2 (as a decode step reads 28 layers' weights once each), so launch overhead and cache hits
-do not flatter small kernels. Writes OUT/gemv.json: GB/s per method and the best split-K config per
-shape and per split (`pipelines.gemv.TUNED` is filled from it; `install_table` does so in-process).
+producer SiLU(gate) * up fused in, as in the decode graph), and `bench/splitk.py`'s kernel over a sweep
+of block sizes and splits (kernel, partial sums and bias, as one op). Every figure is a CUDA-graph replay
+over enough copies of the weight that none is served from L2 (as a decode step reads 28 layers' weights
+once each), so launch overhead and cache hits do not flatter small kernels. Writes OUT/gemv.json: GB/s per
+method and the best split-K config per shape and per split.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench import splitk
 from bench.harness import Report, parse_args
-from pipelines import gemv
 
 # name, out_features, in_features, bias (Qwen 2.5 7B: hidden 3584, MLP 18944, 28 + 2 x 4 heads of 128)
 SHAPES = [("qkv", 4608, 3584, True), ("o", 3584, 3584, False), ("down", 3584, 18944, False),
@@ -61,12 +61,12 @@ def _graph_time(fn, reps: int, device: str) -> float:
 
 def _configs(n: int, k: int, tiny: bool):
     if tiny:
-        yield gemv.Config(16, 32, 2, 4)
+        yield splitk.Config(16, 32, 2, 4)
         return
     for bn, bk, split, warps in itertools.product((4, 8, 16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 8, 16),
                                                   (4, 8)):
         if 1024 <= bn * bk <= 16384 and k // split >= bk and bn <= n:
-            yield gemv.Config(bn, bk, split, warps)
+            yield splitk.Config(bn, bk, split, warps)
 
 
 def _shape(name, n, k, bias, args, report, device) -> dict:
@@ -95,7 +95,7 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
                 fused = torch.compile(lambda gu, w: F.linear(F.silu(gu[..., :k]) * gu[..., k:], w), dynamic=False)
                 row["inductor_producer_fused_gbs"] = rate(
                     _graph_time(lambda: [fused(g, w) for g, w in zip(gus, ws)], reps, device) / copies)
-    if not gemv.available(xs[0]):
+    if not splitk.available(xs[0]):
         return row
     best: dict[int, tuple] = {}  # split -> (config, seconds): the op as the decode step runs it
     for cfg in _configs(n, k, args.tiny):
@@ -103,7 +103,8 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
             row["sweep_cut_by_budget"] = True
             break
         try:
-            seconds = _graph_time(each(lambda x, w, b: gemv.product(x.view(-1), w, b, cfg)), reps, device) / copies
+            op = each(lambda x, w, b: splitk.product(x.view(-1), w, b, cfg))
+            seconds = _graph_time(op, reps, device) / copies
         except Exception as exc:  # a config Triton cannot compile (registers, shared memory): skip it
             row.setdefault("failed_configs", []).append([*cfg, type(exc).__name__])
             continue
@@ -113,24 +114,11 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
         row["splitk_best_per_split"] = {s: {**c._asdict(), "gbs": rate(t)} for s, (c, t) in sorted(best.items())}
         cfg, seconds = min(best.values(), key=lambda item: item[1])
         row["splitk_best"] = {**cfg._asdict(), "gbs": rate(seconds)}
-        y = gemv.product(xs[0].view(-1), ws[0], bs[0], cfg).float()
+        y = splitk.product(xs[0].view(-1), ws[0], bs[0], cfg).float()
         ref = F.linear(xs[0], ws[0], bs[0]).float().view(-1)
         row["rel_l2_vs_cublas"] = float((y - ref).norm() / ref.norm())
-        row["deterministic"] = bool(torch.equal(y, gemv.product(xs[0].view(-1), ws[0], bs[0], cfg).float()))
+        row["deterministic"] = bool(torch.equal(y, splitk.product(xs[0].view(-1), ws[0], bs[0], cfg).float()))
     return row
-
-
-def install_table(path: str) -> dict:
-    """Fill pipelines.gemv.TUNED from a gemv.json: each shape whose best split-K config beat inductor's
-    reduction by 2% or more. Returns the table installed."""
-    import json
-
-    for row in json.load(open(path))["stages"].values():
-        best, inductor = row.get("splitk_best"), row.get("inductor_gbs") or 0
-        if best and best["gbs"] >= 1.02 * inductor:
-            gemv.TUNED[(row["n"], row["k"])] = gemv.Config(best["block_n"], best["block_k"], best["split"],
-                                                           best["warps"])
-    return {f"{n}x{k}": list(c) for (n, k), c in gemv.TUNED.items()}
 
 
 def main():

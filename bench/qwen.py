@@ -3,7 +3,6 @@ on pipelines.decoder.FastDecoder), same process, same card.
 
     python -m bench.qwen [--tiny] [--runs 3] [--prompt-tokens 300] [--new-tokens 256] [--batch 16]
                          [--compile-mode reduce-overhead] [--no-tune-single-row] [--attention auto|packed|matmul|repeat]
-                         [--gemv inductor|splitk]
                          [--budget-s 290] [--out DIR]
 
 Stages: build; baseline generate() at 1 stream, its time to first token, at --batch streams; the
@@ -26,7 +25,7 @@ from bench.harness import Report, compare, memory, parse_args, ratio, reset_memo
 from bench.models import build_qwen
 from pipelines.decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
 from pipelines.chat_batch import BatchEngine, BatchOptions, EngineModel, RowRequest
-from pipelines.chat_options import ATTENTION_MODES, GEMV_MODES
+from pipelines.chat_options import ATTENTION_MODES
 
 
 def _stats(values: list[float]) -> dict:
@@ -42,19 +41,12 @@ def main() -> None:
                                                            help="no coordinate-descent tuning of the 1-row graph"),
                                            ap.add_argument("--attention", default="packed",
                                                            choices=ATTENTION_MODES),
-                                           ap.add_argument("--gemv", default="inductor", choices=GEMV_MODES),
-                                           ap.add_argument("--gemv-table", help="a bench/gemv.py result: its "
-                                                           "winning configs instead of pipelines.gemv.TUNED"),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')")))
     dev = args.device
     if args.tiny:
         args.prompt_tokens, args.new_tokens, args.batch = 12, 8, 3
     rep = Report("qwen", args)
-    if args.gemv_table:
-        from bench.gemv import install_table
-
-        rep["gemv_table"] = install_table(args.gemv_table)
     st: dict = {}
 
     def build():
@@ -106,7 +98,7 @@ def main() -> None:
     opts = BatchOptions(enabled=True, max_batch=streams, window_ms=2.0, cache_tokens=streams * length,
                         compile=dev.startswith("cuda"), compile_mode=args.compile_mode or "reduce-overhead",
                         tune_single_row=not args.no_tune_single_row, attention=args.attention,
-                        gemv=args.gemv, warmup=((streams, length),))
+                        warmup=((streams, length),))
 
     def engine_setup():
         reset_memory(dev)
@@ -120,8 +112,7 @@ def main() -> None:
                 "pool_tokens": decoder.pool_tokens, "kv_pool_gib": round(decoder.pool_tokens *
                                                                          decoder.kv_bytes_per_token / 2**30, 3),
                 "compile_mode": opts.compile_mode if decoder.compiled else "eager",
-                "tune_single_row": opts.tune_single_row, "attention": opts.attention, "gemv": opts.gemv,
-                **memory(dev)}
+                "tune_single_row": opts.tune_single_row, "attention": opts.attention, **memory(dev)}
 
     rep.stage("engine_setup", engine_setup)
     engine: BatchEngine | None = st.get("engine")

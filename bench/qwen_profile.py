@@ -1,10 +1,9 @@
 """Where a one-row Qwen 2.5 7B decode step spends its time: a kernel-level profile of the chat engine's
 compiled decoder (the production `BatchOptions` defaults), against the bandwidth floor.
 
-    python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul/splitk] [--tokens 64] [--out DIR]
+    python -m bench.qwen_profile [--tiny] [--attention packed,matmul] [--tokens 64] [--out DIR]
 
-For each decode attention (GENQ_CHAT_ATTENTION), optionally with a matrix-vector mode after a slash
-(GENQ_CHAT_GEMV, default inductor): warm the 1-row shape, time a 300-token prompt + `--tokens` greedy tokens, then run
+For each decode attention (GENQ_CHAT_ATTENTION): warm the 1-row shape, time a 300-token prompt + `--tokens` greedy tokens, then run
 the same under torch.profiler and sum CUDA kernel time per step by kind (matrix products, Triton
 reductions, Triton pointwise, attention, copies, other), count kernels per step, and report the step's
 wall time minus its kernel time (idle gaps between kernels). Writes OUT/qwen_profile.json and the top
@@ -26,7 +25,7 @@ from bench.models import build_qwen
 from pipelines.chat_options import BatchOptions
 
 _KINDS = [("attention", re.compile(r"flash|fmha|attention|sdpa|efficient", re.I)),  # before gemm: cuDNN's say sm90
-          ("gemm", re.compile(r"gemv|gemm|sm90|cutlass|xmma|ampere_|nvjet|splitk|_partials_kernel", re.I)),
+          ("gemm", re.compile(r"gemv|gemm|sm90|cutlass|xmma|ampere_|nvjet|splitk", re.I)),
           ("triton_reduction", re.compile(r"triton_(red|per)_", re.I)),
           ("triton_pointwise", re.compile(r"triton_poi_", re.I)),
           ("copy_or_fill", re.compile(r"copy|memcpy|memset|fill|index|scatter|gather", re.I))]
@@ -85,7 +84,6 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--attention", default="packed,matmul")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--gemv-table", help="a bench/gemv.py result whose winning configs fill pipelines.gemv.TUNED")
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/qwen-profile")
     args = ap.parse_args()
@@ -94,36 +92,29 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("qwen_profile needs CUDA (the profile is of CUDA kernels)")
         return 1
-    table = None
-    if args.gemv_table:
-        from bench.gemv import install_table
-
-        table = install_table(args.gemv_table)
     model = build_qwen("cuda", tiny=args.tiny)
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "weights_gb": round(weight_gb, 2),
-              "gemv_table": table, "modes": {}}
+              "modes": {}}
     path = out / "qwen_profile.json"
-    for mode in filter(None, args.attention.split(",")):
-        attention, _, gemv = mode.partition("/")
-        # otherwise the production defaults
-        decoder = BatchOptions(attention=attention, gemv=gemv or "inductor").decoder(model, 4096)
+    for attention in filter(None, args.attention.split(",")):
+        decoder = BatchOptions(attention=attention).decoder(model, 4096)  # otherwise the production defaults
         t0 = time.perf_counter()
         with torch.inference_mode():
             decoder.warm(1, 1024)
         rec = {"warm_s": round(time.perf_counter() - t0, 1)}
         with torch.inference_mode():
-            rec.update(_profile(decoder, prompt, args.tokens, out, mode.replace("/", "-")))
+            rec.update(_profile(decoder, prompt, args.tokens, out, attention))
         # A step reads every weight but the embedding table (one row of it); H200 datasheet: 4.8 TB/s.
         embed = model.model.embed_tokens.weight
         read = decoder.weight_bytes - embed.numel() * embed.element_size()
         rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), bandwidth_floor_ms_h200=round(read / 4.8e12 * 1000, 3),
                    achieved_tb_s=round(read / (rec["step_ms_wall"] / 1000) / 1e12, 2))
-        report["modes"][mode] = rec
+        report["modes"][attention] = rec
         decoder.release_memory()
         path.write_text(json.dumps(report, indent=1))
-        print(mode, json.dumps(rec)[:1200], flush=True)
+        print(attention, json.dumps(rec)[:1200], flush=True)
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: install the carried wheels, record the software, then run the named benchmarks.
 #   bash bench/run_device.sh smoke sdxl qwen wan gemv      (each name: smoke | sdxl | qwen | wan | gemv)
+#   BENCH_ARGS="--attention auto" bash bench/run_device.sh qwen     (extra arguments for each benchmark)
 # Per-benchmark wall limits keep the whole call inside the device tool's 10 minutes; each writes
 # $OUT/<name>.json after every stage, so a cut-off run still returns its figures.
 set -o pipefail
@@ -23,5 +24,5 @@ for name in "$@"; do
     continue
   fi
   s=$(limit "$name")
-  timeout "$s" python3 -m bench."$name" --budget-s $((s - 50)) --out "$OUT" 2>&1 | tee "$OUT/$name.log" | grep -vE "Warning|warn\(" | cut -c1-700
+  timeout "$s" python3 -m bench."$name" $BENCH_ARGS --budget-s $((s - 50)) --out "$OUT" 2>&1 | tee "$OUT/$name.log" | grep -vE "Warning|warn\(" | cut -c1-700
 done

@@ -22,8 +22,6 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # as matrix products, "auto" matmul for one row and packed for more, "repeat" the cache repeated per
 # query head as transformers does. Here, not in decoder.py, so that settings parse without torch.
 ATTENTION_MODES = ("auto", "packed", "matmul", "repeat")
-# One-row matrix-vector products: inductor's fused reductions, or pipelines/gemv.py's split-K kernel.
-GEMV_MODES = ("inductor", "splitk")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -88,7 +86,6 @@ class BatchOptions:
     # ATTENTION_MODES. "auto" measured +9% one-row tok/s on an H200, but its outputs have only been checked
     # against generate() on a CPU so far (docs/PERFORMANCE.md): the GPU-checked "packed" stays the default.
     attention: str = "packed"
-    gemv: str = "inductor"  # GEMV_MODES
     warmup: tuple[tuple[int, int], ...] | None = None  # None: 1x2048, max_batch x 1024, max_batch x 4096
 
     @classmethod
@@ -113,7 +110,6 @@ class BatchOptions:
             compile_mode=(None if mode == "default" else mode) if mode else cls.compile_mode,
             tune_single_row=bool(_flag(env, "GENQ_CHAT_TUNE_SINGLE_ROW", True)),
             attention=_choice(env, "GENQ_CHAT_ATTENTION", ATTENTION_MODES, cls.attention),
-            gemv=_choice(env, "GENQ_CHAT_GEMV", GEMV_MODES, cls.gemv),
             warmup=_shapes(env, "GENQ_CHAT_WARMUP"),
         )
 
@@ -127,7 +123,7 @@ class BatchOptions:
             model, context_limit, max_batch=self.max_batch, batch_buckets=self.batch_buckets,
             min_len=self.min_cache_len, pool_tokens=self.cache_tokens, compile=self.compile is not False,
             compile_mode=self.compile_mode, tune_single_row=self.tune_single_row, sync_every=self.sync_tokens,
-            prefill_tokens=self.prefill_tokens, attention=self.attention, gemv=self.gemv)
+            prefill_tokens=self.prefill_tokens, attention=self.attention)
 
     def warm_shapes(self, decoder: FastDecoder) -> list[tuple[int, int]]:
         """The shapes to compile at start: the configured ones, rounded up to buckets that fit."""

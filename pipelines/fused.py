@@ -141,25 +141,15 @@ class FusedProjections:
         return FusedLayer(**parts)
 
 
-def linear_of(module: nn.Module, linear=F.linear):
-    """module as a callable computing through `linear` (F.linear's signature) when it is a plain
-    nn.Linear; anything else (quantised, hooked, LoRA) keeps its own forward."""
-    if linear is F.linear or not _fusable([module]):
-        return module
-    return lambda h: linear(h, module.weight, module.bias)
-
-
-def project_qkv(attn, h: torch.Tensor, f: FusedLayer, linear=F.linear):
+def project_qkv(attn, h: torch.Tensor, f: FusedLayer):
     """q, k, v of h: one matmul when fused, the model's modules otherwise."""
     if f.qkv is None:
-        return linear_of(attn.q_proj, linear)(h), linear_of(attn.k_proj, linear)(h), linear_of(attn.v_proj, linear)(h)
-    return linear(h, f.qkv, f.qkv_bias).split(f.qkv_sizes, dim=-1)
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    return F.linear(h, f.qkv, f.qkv_bias).split(f.qkv_sizes, dim=-1)
 
 
-def mlp(module, h: torch.Tensor, f: FusedLayer, linear=F.linear) -> torch.Tensor:
-    """The gated MLP with gate|up fused (always F.linear: inductor's reduction reads it at ~4.2 TB/s) and
-    down through `linear`."""
+def mlp(module, h: torch.Tensor, f: FusedLayer) -> torch.Tensor:
     if f.gate_up is None:
         return module(h)
     gate, up = F.linear(h, f.gate_up, f.gate_up_bias).split(f.gate_up_sizes, dim=-1)
-    return linear_of(module.down_proj, linear)(module.act_fn(gate) * up)
+    return module.down_proj(module.act_fn(gate) * up)

@@ -1,32 +1,27 @@
-"""Split-K matrix-vector products for the one-row decode step (Triton; CUDA, or Triton's interpreter).
+"""A split-K matrix-vector kernel (Triton): what hand-written GEMV gains in a one-row Qwen decode step.
 
-A one-row decode step is a chain of matrix-vector products bound by memory bandwidth. Inductor turns
-them into fused reductions, and for the narrow projections that loses bandwidth (bench/qwen_profile.py on
-an H200: down at 3.05 TB/s, o at ~2 TB/s, q|k|v through cuBLAS at 2.95 TB/s, against 4.2 TB/s for
-gate|up). Two causes: inductor recomputes the producer of the vector (SiLU(gate) * up, 75 KB) inside
-every output row's program, and a 3584-row output has too few rows to keep 132 SMs reading.
+Used by bench/gemv.py only. Inductor turns a one-row step's matrix-vector products into fused
+reductions; bench/qwen_profile.py showed the narrow projections (down, o, q|k|v) below the bandwidth of
+the wide ones. This kernel reads a materialised vector (inductor recomputes the down projection's
+producer SiLU(gate) * up in every output row's program) and can split the reduction over K across
+programs: with `split` > 1 each writes fp32 partial sums for its block of rows and a second small kernel
+adds them in a fixed order, adds the bias and casts (deterministic). It returns the finished vector, as
+inductor would otherwise fuse the partials' sum into the next RMSNorm, recomputed per program.
 
-Here the vector is a materialised input, and the reduction over K can be split across programs: with
-`split` > 1 each writes fp32 partial sums for its block of rows and a second small kernel adds the `split`
-partials in a fixed order, adds the bias and casts (deterministic; the result differs from cuBLAS's only by
-fp32 summation order). The op returns the finished vector: handing the partials to inductor would let it
-fuse their sum into the next layer's RMSNorm, recomputed in every program of the next projection.
-
-`TUNED` holds the configs `bench/gemv.py` measured fastest on an H200, for the shapes where this kernel
-beat inductor's reduction there (CUDA-graph replays over enough layers' weights that none sits in L2).
-Every other shape keeps F.linear.
+Measured on an H200 (docs/PERFORMANCE.md, "Qwen: hand-written matrix-vector kernels"): it beats
+inductor on down (+6%) and o (+7%) alone, but in the compiled decode step it was slower (192 vs 206
+tok/s: more kernels and idle gaps than the bandwidth saved), so the production decoder does not use it.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: F.linear everywhere
+except ImportError:  # CPU-only installs
     triton = None
 
 
@@ -37,17 +32,8 @@ class Config(NamedTuple):
     warps: int
 
 
-# (out_features, in_features) -> Config, from bench/gemv.py on an H200 (docs/PERFORMANCE.md, "split-K").
-TUNED: dict[tuple[int, int], Config] = {}
-
-
-def config_for(n: int, k: int) -> Config | None:
-    """The measured config of an (n, k) weight, None where inductor's reduction was as fast or faster."""
-    return TUNED.get((n, k))
-
-
 def available(t: torch.Tensor) -> bool:
-    """Whether the Triton kernel can run on t's device (the interpreter runs it on the CPU, for tests)."""
+    """Whether the Triton kernel can run on t's device (TRITON_INTERPRET=1 runs it on the CPU)."""
     if triton is None:
         return False
     import os
@@ -115,13 +101,3 @@ if triton is not None:
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
     """weight @ x (+ bias) for a 1-D, contiguous x at config cfg."""
     return torch.ops.genq.gemv(x, weight, bias, cfg.split, cfg.block_n, cfg.block_k, cfg.warps)
-
-
-def linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           config: Config | None = None) -> torch.Tensor:
-    """F.linear for a single row (h's leading dims multiply to 1) through the kernel, at `config` or the
-    measured one for this weight shape; any other input, shape or device takes F.linear."""
-    cfg = config or config_for(*weight.shape)
-    if cfg is None or h.numel() != h.shape[-1] or not weight.is_contiguous() or not available(h):
-        return F.linear(h, weight, bias)
-    return product(h.reshape(-1).contiguous(), weight, bias, cfg).view(*h.shape[:-1], weight.shape[0])
