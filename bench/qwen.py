@@ -39,7 +39,7 @@ def main() -> None:
                                            ap.add_argument("--batch", type=int, default=16),
                                            ap.add_argument("--no-tune-single-row", action="store_true",
                                                            help="no coordinate-descent tuning of the 1-row graph"),
-                                           ap.add_argument("--attention", default="packed",
+                                           ap.add_argument("--attention", default="auto",
                                                            choices=ATTENTION_MODES),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')")))

@@ -83,9 +83,9 @@ class BatchOptions:
     compile: bool | None = None  # None: on CUDA
     compile_mode: str | None = "reduce-overhead"
     tune_single_row: bool = True
-    # ATTENTION_MODES. "auto" measured +9% one-row tok/s on an H200, but its outputs have only been checked
-    # against generate() on a CPU so far (docs/PERFORMANCE.md): the GPU-checked "packed" stays the default.
-    attention: str = "packed"
+    # ATTENTION_MODES. "auto": +7% one-row tok/s on an H200 with greedy steps agreeing with the uncached
+    # forward as often as "packed" does there (docs/PERFORMANCE.md); batches run "packed" either way.
+    attention: str = "auto"
     warmup: tuple[tuple[int, int], ...] | None = None  # None: 1x2048, max_batch x 1024, max_batch x 4096
 
     @classmethod

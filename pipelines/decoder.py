@@ -135,7 +135,7 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, max_batch: int = 16, batch_buckets: Sequence[int] = (1, 2, 4, 8, 16),
                  min_len: int = 512, pool_tokens: int | None = None, compile: bool = True,
                  compile_mode: str | None = "reduce-overhead", tune_single_row: bool = True,
-                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "packed", fuse: bool = True):
+                 sync_every: int = 16, prefill_tokens: int = 16384, attention: str = "auto", fuse: bool = True):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention {attention!r}: use one of {', '.join(ATTENTION_MODES)}")
         inner = getattr(model, "model", None)

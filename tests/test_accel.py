@@ -70,7 +70,7 @@ def qwen():
     return build_qwen("cpu", tiny=True)
 
 
-@pytest.mark.parametrize("attention", ["packed", "matmul", "repeat"])
+@pytest.mark.parametrize("attention", ["auto", "packed", "matmul", "repeat"])
 def test_fast_decoder_matches_generate_on_left_padded_batches(qwen, attention):
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (2, 12))

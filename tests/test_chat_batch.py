@@ -281,7 +281,7 @@ def test_options_come_from_the_environment():
         BatchOptions.from_env({"GENQ_CHAT_MAX_BATCH": "0"})
     with pytest.raises(ValueError, match="GENQ_CHAT_BATCH="):
         BatchOptions.from_env({"GENQ_CHAT_BATCH": "maybe"})
-    assert BatchOptions().attention == "packed"
+    assert BatchOptions().attention == "auto"
     assert BatchOptions.from_env({"GENQ_CHAT_ATTENTION": "matmul"}).attention == "matmul"
     with pytest.raises(ValueError, match="GENQ_CHAT_ATTENTION='flash'"):
         BatchOptions.from_env({"GENQ_CHAT_ATTENTION": "flash"})
