@@ -19,7 +19,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -35,6 +34,7 @@ from supabase.lib.client_options import SyncClientOptions
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
+from png_encoding import encode_png  # noqa: F401  (re-exported: the encoders live beside the uploader)
 from schemas.common import Reference, check_safe_id
 from schemas.errors import PayloadError
 from schemas.settings import Settings
@@ -105,28 +105,7 @@ class StoredAsset:
     file_size_bytes: int
 
 
-# --- encoding --------------------------------------------------------------------------------
-
-# Pillow modes as FFmpeg pixel formats. FFmpeg's PNG encoder, not Pillow's: at the same zlib level and
-# about the same size, its SIMD row filters encode a 1024px image 2-2.6x faster (bench/after_gpu.py).
-_PNG_PIX_FMTS = {"RGB": "rgb24", "RGBA": "rgba", "L": "gray"}
-
-
-def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
-    """Lossless at every zlib level; the level only trades encoding time for file size
-    (GENQ_PNG_COMPRESS_LEVEL, docs/DAEMON.md)."""
-    if img.mode not in _PNG_PIX_FMTS:
-        # RGBA holds an LA image's values exactly (PyAV takes no grey+alpha array); anything else is RGB.
-        img = img.convert("RGBA" if img.mode == "LA" else "RGB")
-    pix_fmt = _PNG_PIX_FMTS[img.mode]
-    ctx = av.CodecContext.create("png", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = img.width, img.height, pix_fmt
-    ctx.sample_aspect_ratio = Fraction(1, 1)  # else FFmpeg writes a 0:1 pixel aspect (pHYs)
-    # "mixed": each row gets the filter that suits it best, as libpng and Pillow choose.
-    ctx.options = {"pred": "mixed", "compression_level": str(compress_level)}
-    frame = av.VideoFrame.from_ndarray(np.asarray(img), format=pix_fmt)
-    return b"".join(bytes(packet) for packet in ctx.encode(frame) + ctx.encode(None))
-
+# --- encoding (PNG: png_encoding.py) -------------------------------------------------------
 
 def encode_webp_thumbnail(img: Image.Image, longest_edge: int = 256) -> bytes:
     # Always exactly `longest_edge` on the long side (small outputs are scaled up) so the UI's

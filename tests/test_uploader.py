@@ -177,6 +177,21 @@ def test_png_encoding_is_lossless_in_every_mode(mode, stored_mode):
         assert np.array_equal(np.asarray(decoded), np.asarray(img.convert(stored_mode)))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_a_png_deflated_in_parts_decodes_exactly_in_pillow_and_ffmpeg(mode, threads):
+    """The parts (png_encoding.py) form one valid zlib stream: both decoders read every pixel back."""
+    img = noisy_image((301, 333), mode=mode)  # 333 rows: up to 5 parts of at least 64 rows
+    data = encode_png(img, 1, threads=threads)
+    with Image.open(io.BytesIO(data)) as decoded:
+        decoded.load()  # Pillow checks the CRCs and the zlib stream's end as it reads
+        assert np.array_equal(np.asarray(decoded), np.asarray(img))
+    with av.open(io.BytesIO(data)) as container:
+        frame = next(container.decode(video=0))
+        fmt = {"RGB": "rgb24", "RGBA": "rgba", "L": "gray"}[mode]
+        assert np.array_equal(frame.to_ndarray(format=fmt), np.asarray(img))
+
+
 def test_stored_pngs_keep_every_pixel_at_any_compress_level(storage, uploaders):
     """GENQ_PNG_COMPRESS_LEVEL changes the size of the PNGs, never their pixels or the thumbnails."""
     img = noisy_image((200, 120))
