@@ -34,7 +34,8 @@ Behaviour worth knowing:
   and from then on every decode goes straight to fp32. An fp16-safe VAE (e.g. "sdxl-vae-fp16-fix") in the
   model folder never needs that. A result that is still non-finite is an error, never a black image.
 * ``setup()`` warms up at the largest shape requests may have (GENQ_LIMIT_SDXL_MAX_PIXELS as a square, six
-  images; override with SDXL_WARMUP_WIDTH/HEIGHT/IMAGES) and refuses to start if that fails (e.g. OOM).
+  images; override with SDXL_WARMUP_WIDTH/HEIGHT/IMAGES), then at any SDXL_WARMUP_EXTRA shapes (so that
+  GENQ_COMPILE compiles them at start, not in a job), and refuses to start if that fails (e.g. OOM).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 from diffusers import (
@@ -55,8 +56,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from PIL import Image, ImageOps
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.common import Reference
 from schemas.errors import PayloadError
@@ -89,6 +90,30 @@ class SdxlSettings(BaseSettings):
     warmup_width: int | None = Field(None, ge=64, multiple_of=8, validation_alias="SDXL_WARMUP_WIDTH")
     warmup_height: int | None = Field(None, ge=64, multiple_of=8, validation_alias="SDXL_WARMUP_HEIGHT")
     warmup_images: int | None = Field(None, ge=1, le=6, validation_alias="SDXL_WARMUP_IMAGES")
+    # Shapes warmed up after the main one, "WIDTHxHEIGHTxIMAGES,...": under GENQ_COMPILE each new image
+    # count or size compiles the UNet again (~169 s on an H200), at start instead of inside a job.
+    warmup_extra: Annotated[tuple[tuple[int, int, int], ...], NoDecode] = Field(
+        (), validation_alias="SDXL_WARMUP_EXTRA")
+
+    @field_validator("warmup_extra", mode="before")
+    @classmethod
+    def _parse_shapes(cls, value):
+        if not isinstance(value, str):
+            return value
+        try:
+            shapes = tuple(tuple(int(n) for n in part.lower().split("x")) for part in value.replace(" ", "").split(",")
+                           if part)
+        except ValueError:
+            shapes = ((),)
+        for shape in shapes:
+            if len(shape) != 3:
+                raise ValueError(f"{value!r}: use WIDTHxHEIGHTxIMAGES shapes separated by commas, e.g. 1024x1024x1")
+            width, height, images = shape
+            if min(width, height) < 64 or width % 8 or height % 8 or max(width, height) > LIMITS.sdxl_max_side \
+                    or width * height > LIMITS.sdxl_max_pixels or images not in (1, 3, 6):
+                raise ValueError(f"{width}x{height}x{images}: sides multiples of 8 from 64 to "
+                                 f"{LIMITS.sdxl_max_side}, at most {LIMITS.sdxl_max_pixels} pixels, 1, 3 or 6 images")
+        return shapes
 
 
 class SdxlPipeline:
@@ -140,26 +165,47 @@ class SdxlPipeline:
 
     def _warm_up(self) -> None:
         width, height, images = self._warmup_shape()
-        request = SdxlRequest(job_id="warmup", user_id="warmup", job_type="sdxl_image_fast", prompt="warm-up",
-                              width=width, height=height, steps=2, guidance_scale=5.0, num_images=images,
-                              seeds=list(range(images)))
         reference = Image.new("RGB", (width, height), "gray")
+        main = self._warmup_request(width, height, images)
         try:
-            self.run(request)
-            self.run(request.model_copy(update={"reference": Reference(source="warmup"), "strength": 0.5}),
-                     reference)
+            self.run(main)
+            self.run(main.model_copy(update={"reference": Reference(source="warmup"), "strength": 0.5}), reference)
         except Exception as exc:
-            self.txt2img = self.img2img = None  # let the memory go: this object must not serve
+            self._refuse_to_serve()
             raise RuntimeError(f"SDXL warm-up at {width}x{height}, {images} image(s) failed, refusing to start "
                                f"(lower GENQ_LIMIT_SDXL_MAX_PIXELS or SDXL_WARMUP_*): {exc}") from exc
         finally:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        log.info("SDXL ready on %s (%s), warmed up at %dx%d x%d", self.device, self.dtype, width, height, images)
+            self._empty_cache()
+        extra = [shape for shape in self.sdxl_settings.warmup_extra if shape != (width, height, images)]
+        for shape in extra:  # txt2img is enough: img2img runs the same UNet and VAE decoder
+            try:
+                self.run(self._warmup_request(*shape))
+            except Exception as exc:
+                self._refuse_to_serve()
+                raise RuntimeError("SDXL warm-up at SDXL_WARMUP_EXTRA shape %dx%dx%d failed, refusing to start: %s"
+                                   % (*shape, exc)) from exc
+            finally:
+                self._empty_cache()
+        log.info("SDXL ready on %s (%s), warmed up at %s", self.device, self.dtype,
+                 ", ".join("%dx%d x%d" % shape for shape in [(width, height, images), *extra]))
+
+    @staticmethod
+    def _warmup_request(width: int, height: int, images: int) -> SdxlRequest:
+        return SdxlRequest(job_id="warmup", user_id="warmup", job_type="sdxl_image_fast", prompt="warm-up",
+                           width=width, height=height, steps=2, guidance_scale=5.0, num_images=images,
+                           seeds=list(range(images)))
+
+    def _refuse_to_serve(self) -> None:
+        self.txt2img = self.img2img = None  # let the memory go: this object must not serve
+
+    def _empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def warmup_shape(self) -> SimpleNamespace:
-        """The warm-up job's shape, for memory admission before setup() (consumers/gpu.py)."""
-        return self._shape(*self._warmup_shape())
+        """The largest warm-up job's shape, for memory admission before setup() (consumers/gpu.py)."""
+        shapes = [self._warmup_shape(), *self.sdxl_settings.warmup_extra]
+        return self._shape(*max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2]))
 
     def _shape(self, width: int, height: int, images: int) -> SimpleNamespace:
         return SimpleNamespace(family=self.family, width=width, height=height, num_images=images)

@@ -250,6 +250,48 @@ def test_failed_warm_up_refuses_to_start(settings, monkeypatch):
         pipe.run(request())
 
 
+def test_extra_warm_up_shapes_run_at_start_and_size_memory_admission(settings, monkeypatch):
+    """SDXL_WARMUP_EXTRA: each shape runs through run() at start (under GENQ_COMPILE, that compiles it)."""
+    monkeypatch.setenv("SDXL_WARMUP_EXTRA", "64x64x3, 72x64x1,64x64x1")
+    pipe = SdxlPipeline(settings)
+    assert pipe.sdxl_settings.warmup_extra == ((64, 64, 3), (72, 64, 1), (64, 64, 1))
+    shape = pipe.warmup_shape()  # the largest, for admission
+    assert (shape.width, shape.height, shape.num_images) == (64, 64, 3)
+    ran = []
+    real_run = SdxlPipeline.run
+
+    def recording_run(self, req, *args, **kwargs):
+        ran.append((req.width, req.height, req.num_images, req.reference is not None))
+        return real_run(self, req, *args, **kwargs)
+
+    monkeypatch.setattr(SdxlPipeline, "run", recording_run)
+    pipe.setup()
+    # the main shape (txt2img and img2img), then each extra one not already warmed
+    assert ran == [(64, 64, 1, False), (64, 64, 1, True), (64, 64, 3, False), (72, 64, 1, False)]
+
+
+def test_a_failing_extra_warm_up_shape_refuses_to_start(settings, monkeypatch):
+    real_run = SdxlPipeline.run
+
+    def fails_at_three(self, req, *args, **kwargs):
+        if req.num_images == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(self, req, *args, **kwargs)
+
+    monkeypatch.setattr(SdxlPipeline, "run", fails_at_three)
+    pipe = SdxlPipeline(settings, SdxlSettings(SDXL_WARMUP_EXTRA="64x64x3"))
+    with pytest.raises(RuntimeError, match="SDXL_WARMUP_EXTRA shape 64x64x3 failed, refusing to start"):
+        pipe.setup()
+    assert pipe.txt2img is None and pipe.img2img is None
+
+
+@pytest.mark.parametrize("value", ["1024x1024", "1024x1024x1x2", "big", "1020x1024x1", "1024x1024x2",
+                                   "8192x8192x1", "32x64x1"])
+def test_bad_extra_warm_up_shapes_name_the_setting(value):
+    with pytest.raises(ValueError, match="SDXL_WARMUP_EXTRA"):
+        SdxlSettings(SDXL_WARMUP_EXTRA=value)
+
+
 def test_tiny_build_is_atomic(tmp_path):
     settings = Settings(SDXL_MODEL_PATH="tiny", GENQ_TINY_CACHE=str(tmp_path))
 
