@@ -1,7 +1,7 @@
 """Cold start with compiled artefacts cached: the production pipeline's setup() in a fresh process, twice.
 
     python -m bench.cold_start [--families sdxl,chat] [--models /tmp/genq-models] [--cache DIR] [--tiny]
-                               [--budget-s 560] [--out DIR]
+                               [--sdxl-extra 1024x1024x3] [--budget-s 560] [--out DIR]
 
 For each family: the full-size random-weight folder is written (bench/full_models.py, in a child process
 so this one never touches the GPU), then the daemon's own pipeline class is constructed from the
@@ -11,8 +11,9 @@ compilation and fills the cache. A second process then starts the same way with 
 the figure the issue asks for (whole start, warm-up included, under 60 s with cached artefacts).
 Each start reports: seconds from process launch to ready, setup() alone, weights on the GPU (from the
 pipeline's own log line), compile-cache bytes. The last SDXL start also times warm jobs of the warm-up
-shape (1024x1024, 1 image) through the daemon's run() against the plain diffusers pipeline loaded in the
-same process, and counts graphs compiled after the start (0 expected: the warm-up is a real run()).
+shape (1024x1024, 1 image, and any --sdxl-extra shapes, which start warms up too: SDXL_WARMUP_EXTRA) through
+the daemon's run() against the plain diffusers pipeline loaded in the same process, and counts graphs
+compiled after the start (0 expected: the warm-up is a real run()).
 Writes OUT/cold_start.json after every step.
 """
 from __future__ import annotations
@@ -97,6 +98,7 @@ def _measure_sdxl(pipe) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     steps = 25 if dev == "cuda" else 2
     sizes = [(1024, 1024, 1)] if dev == "cuda" else [(64, 64, 1)]
+    sizes += [shape for shape in pipe.sdxl_settings.warmup_extra if shape not in sizes]
 
     def job(w, h, n):
         return SdxlRequest(job_id="bench", user_id="bench", job_type="sdxl_image_high", prompt=PROMPT, width=w,
@@ -129,6 +131,7 @@ def main() -> int:
     ap.add_argument("--models", default=None)
     ap.add_argument("--cache", default="/tmp/genq-compile-cache")
     ap.add_argument("--starts", type=int, default=2, help="starts per family; the first fills the cache")
+    ap.add_argument("--sdxl-extra", default="", help="SDXL_WARMUP_EXTRA for the SDXL starts (also timed as jobs)")
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -164,7 +167,8 @@ def main() -> int:
         env = {**os.environ, **full_models.env_for(models), "GENQ_ACCEL": "1", "GENQ_COMPILE": "1",
                "GENQ_CHAT_COMPILE": "1", "GENQ_COMPILE_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
         # The warm-up shape is the one compiled at start; --measure-sdxl times jobs of that shape.
-        env.update(SDXL_WARMUP_WIDTH="1024", SDXL_WARMUP_HEIGHT="1024", SDXL_WARMUP_IMAGES="1")
+        env.update(SDXL_WARMUP_WIDTH="1024", SDXL_WARMUP_HEIGHT="1024", SDXL_WARMUP_IMAGES="1",
+                   SDXL_WARMUP_EXTRA=args.sdxl_extra)
         if args.tiny:  # the tiny folders are not the TINY sentinel: keep the warm-up at their scale
             env.update(GENQ_DEVICE="cpu", SDXL_WARMUP_WIDTH="64", SDXL_WARMUP_HEIGHT="64", SDXL_WARMUP_IMAGES="1")
         for i in range(args.starts):
