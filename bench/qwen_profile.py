@@ -35,6 +35,26 @@ def _kind(name: str) -> str:
     return next((kind for kind, pattern in _KINDS if pattern.search(name)), "other")
 
 
+def kernel_times(prof, table: Path) -> tuple[dict[str, float], int, list[tuple[float, int, str]]]:
+    """CUDA kernel time (us) by kind, the kernel count, and (us, calls, name) rows, longest first, of a
+    finished torch.profiler run; the top 60 rows also go to `table`."""
+    by_kind: dict[str, float] = defaultdict(float)
+    count = 0
+    rows = []
+    for ev in prof.key_averages():
+        cuda_us = getattr(ev, "device_time_total", None)
+        if cuda_us is None:
+            cuda_us = getattr(ev, "cuda_time_total", 0)
+        if not cuda_us or getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        by_kind[_kind(ev.key)] += cuda_us
+        count += ev.count
+        rows.append((cuda_us, ev.count, ev.key[:140]))
+    rows.sort(reverse=True)
+    table.write_text("\n".join(f"{us / 1000:9.3f} ms {n:7d}x  {name}" for us, n, name in rows[:60]))
+    return by_kind, count, rows
+
+
 def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,21 +72,7 @@ def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> d
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         torch.cuda.synchronize()
-    by_kind: dict[str, float] = defaultdict(float)
-    count = 0
-    rows = []
-    for ev in prof.key_averages():
-        cuda_us = getattr(ev, "device_time_total", None)
-        if cuda_us is None:
-            cuda_us = getattr(ev, "cuda_time_total", 0)
-        if not cuda_us or getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
-        by_kind[_kind(ev.key)] += cuda_us
-        count += ev.count
-        rows.append((cuda_us, ev.count, ev.key[:140]))
-    rows.sort(reverse=True)
-    (out / f"qwen_profile_{mode}.txt").write_text(
-        "\n".join(f"{us / 1000:9.3f} ms {n:7d}x  {name}" for us, n, name in rows[:60]))
+    by_kind, count, rows = kernel_times(prof, out / f"qwen_profile_{mode}.txt")
     steps = tokens  # the prefill's kernels are in the totals too; they are small next to the decode steps
     kernel_ms = sum(by_kind.values()) / 1000
     wall = min(times)

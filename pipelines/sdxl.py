@@ -100,20 +100,18 @@ class SdxlSettings(BaseSettings):
     def _parse_shapes(cls, value):
         if not isinstance(value, str):
             return value
-        try:
-            shapes = tuple(tuple(int(n) for n in part.lower().split("x")) for part in value.replace(" ", "").split(",")
-                           if part)
-        except ValueError:
-            shapes = ((),)
-        for shape in shapes:
-            if len(shape) != 3:
+        shapes = []
+        for part in filter(None, value.replace(" ", "").lower().split(",")):
+            numbers = part.split("x")
+            if len(numbers) != 3 or not all(n.isdigit() for n in numbers):
                 raise ValueError(f"{value!r}: use WIDTHxHEIGHTxIMAGES shapes separated by commas, e.g. 1024x1024x1")
-            width, height, images = shape
+            width, height, images = map(int, numbers)
             if min(width, height) < 64 or width % 8 or height % 8 or max(width, height) > LIMITS.sdxl_max_side \
                     or width * height > LIMITS.sdxl_max_pixels or images not in (1, 3, 6):
                 raise ValueError(f"{width}x{height}x{images}: sides multiples of 8 from 64 to "
                                  f"{LIMITS.sdxl_max_side}, at most {LIMITS.sdxl_max_pixels} pixels, 1, 3 or 6 images")
-        return shapes
+            shapes.append((width, height, images))
+        return tuple(shapes)
 
 
 class SdxlPipeline:

@@ -1,0 +1,109 @@
+"""Where a WAN 2.1 1.3B guided step (480x832, 81 frames) spends its time: kernel time by kind for the plain
+transformer (diffusers' default attention) and the accelerated one (pipelines.accel: compiled blocks) with
+each attention backend in --backends (GENQ_WAN_ATTENTION), and the attention kernels' achieved TFLOP/s.
+
+    python -m bench.wan_profile [--tiny] [--backends _native_cudnn,native] [--out DIR]
+
+A guided step is two transformer forwards (with and without the prompt), as WanPipeline runs them. Each
+mode: one warm-up step (compiles), three timed steps (synchronised, min), one step under torch.profiler.
+Writes OUT/wan_profile.json and the top kernels per mode in OUT/wan_profile_<mode>.txt. Needs CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from bench.harness import import_accel
+from bench.models import build_wan, wan_text_dim
+from bench.qwen_profile import kernel_times
+
+
+def _attention_tflop(config, frames: int, height: int, width: int, text_tokens: int) -> float:
+    """Attention FLOPs of one forward: self-attention over every latent patch, cross-attention to the text."""
+    pt, ph, pw = config.patch_size
+    tokens = ((frames - 1) // 4 + 1) // pt * (height // 8 // ph) * (width // 8 // pw)
+    inner = config.num_attention_heads * config.attention_head_dim
+    per_block = 4 * tokens * tokens * inner + 4 * tokens * text_tokens * inner  # QK^T and PV, 2 FLOPs a MAC
+    return config.num_layers * per_block / 1e12
+
+
+def _step(transformer, x, t, cond, uncond) -> None:
+    transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)
+    transformer(hidden_states=x, timestep=t, encoder_hidden_states=uncond, return_dict=False)
+
+
+def _measure(transformer, inputs, out: Path, mode: str, attention_tflop: float) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        _step(transformer, *inputs)  # warm-up: compilation, autotuning, allocator
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _step(transformer, *inputs)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _step(transformer, *inputs)
+            torch.cuda.synchronize()
+    by_kind, count, rows = kernel_times(prof, out / f"wan_profile_{mode}.txt")
+    wall = min(times)
+    attention_s = by_kind.get("attention", 0.0) / 1e6
+    return {"step_s_min": round(wall, 4), "step_s_kernels": round(sum(by_kind.values()) / 1e6, 4),
+            "kernels": count,
+            "step_s_by_kind": {k: round(v / 1e6, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "attention_tflop_s": round(2 * attention_tflop / attention_s, 1) if attention_s else None,
+            "top_kernels": [{"ms_total": round(us / 1000, 2), "calls": n, "name": name} for us, n, name in rows[:10]]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--backends", default="_native_cudnn,native", help="diffusers attention backends to accelerate with")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/wan-profile")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        print("wan_profile needs CUDA (the profile is of CUDA kernels)")
+        return 1
+    pipe = build_wan("cuda", tiny=args.tiny)
+    frames, height, width, text_tokens = (5, 32, 32, 16) if args.tiny else (81, 480, 832, 512)
+    tr = pipe.transformer
+    g = torch.Generator("cuda").manual_seed(0)
+    latent = (1, tr.config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+    x = torch.randn(latent, device="cuda", dtype=torch.bfloat16, generator=g)
+    cond, uncond = (torch.randn(1, text_tokens, wan_text_dim(pipe), device="cuda", dtype=torch.bfloat16, generator=g)
+                    for _ in range(2))
+    inputs = (x, torch.tensor([500], device="cuda"), cond, uncond)
+    attention = _attention_tflop(tr.config, frames, height, width, text_tokens)
+    report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "attention_tflop_per_forward": round(attention, 1), "modes": {}, "ratio": {}}
+    path = out / "wan_profile.json"
+    report["modes"]["baseline"] = _measure(tr, inputs, out, "baseline", attention)
+    path.write_text(json.dumps(report, indent=1))
+    accel = import_accel()
+    for backend in filter(None, args.backends.split(",")):
+        del pipe, tr
+        pipe = build_wan("cuda", tiny=args.tiny)  # same seed: the same weights, uncompiled
+        tr = pipe.transformer
+        mode = f"accelerated:{backend}"
+        applied = accel.accelerate_wan(pipe, accel.AccelOptions(enabled=True, compile=True,
+                                                                wan_attention_backend=backend))
+        report["modes"][mode] = {"applied": applied, **_measure(tr, inputs, out, mode.replace(":", "-"), attention)}
+        report["ratio"][mode] = round(report["modes"]["baseline"]["step_s_min"] / report["modes"][mode]["step_s_min"], 3)
+        path.write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "modes"}), flush=True)
+    for mode, rec in report["modes"].items():
+        print(mode, json.dumps({k: v for k, v in rec.items() if k != "top_kernels"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
