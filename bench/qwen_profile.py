@@ -14,46 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from bench.models import build_qwen
+from bench.profiling import kernel_times
 from pipelines.chat_options import BatchOptions
-
-_KINDS = [("attention", re.compile(r"flash|fmha|attention|sdpa|efficient", re.I)),  # before gemm: cuDNN's say sm90
-          ("gemm", re.compile(r"gemv|gemm|sm90|cutlass|xmma|ampere_|nvjet|splitk", re.I)),
-          ("triton_reduction", re.compile(r"triton_(red|per)_", re.I)),
-          ("triton_pointwise", re.compile(r"triton_poi_", re.I)),
-          ("copy_or_fill", re.compile(r"copy|memcpy|memset|fill|index|scatter|gather", re.I))]
-
-
-def _kind(name: str) -> str:
-    return next((kind for kind, pattern in _KINDS if pattern.search(name)), "other")
-
-
-def kernel_times(prof, table: Path) -> tuple[dict[str, float], int, list[tuple[float, int, str]]]:
-    """CUDA kernel time (us) by kind, the kernel count, and (us, calls, name) rows, longest first, of a
-    finished torch.profiler run; the top 60 rows also go to `table`."""
-    by_kind: dict[str, float] = defaultdict(float)
-    count = 0
-    rows = []
-    for ev in prof.key_averages():
-        cuda_us = getattr(ev, "device_time_total", None)
-        if cuda_us is None:
-            cuda_us = getattr(ev, "cuda_time_total", 0)
-        if not cuda_us or getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
-        by_kind[_kind(ev.key)] += cuda_us
-        count += ev.count
-        rows.append((cuda_us, ev.count, ev.key[:140]))
-    rows.sort(reverse=True)
-    table.write_text("\n".join(f"{us / 1000:9.3f} ms {n:7d}x  {name}" for us, n, name in rows[:60]))
-    return by_kind, count, rows
-
 
 def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> dict:
     from torch.profiler import ProfilerActivity, profile

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from bench.harness import import_accel
 from bench.models import build_wan, wan_text_dim
-from bench.qwen_profile import kernel_times
+from bench.profiling import profile_call
 
 
 def _attention_tflop(config, frames: int, height: int, width: int, text_tokens: int) -> float:
@@ -38,28 +37,9 @@ def _step(transformer, x, t, cond, uncond) -> None:
 
 
 def _measure(transformer, inputs, out: Path, mode: str, attention_tflop: float) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        _step(transformer, *inputs)  # warm-up: compilation, autotuning, allocator
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            _step(transformer, *inputs)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            _step(transformer, *inputs)
-            torch.cuda.synchronize()
-    by_kind, count, rows = kernel_times(prof, out / f"wan_profile_{mode}.txt")
-    wall = min(times)
-    attention_s = by_kind.get("attention", 0.0) / 1e6
-    return {"step_s_min": round(wall, 4), "step_s_kernels": round(sum(by_kind.values()) / 1e6, 4),
-            "kernels": count,
-            "step_s_by_kind": {k: round(v / 1e6, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "attention_tflop_s": round(2 * attention_tflop / attention_s, 1) if attention_s else None,
-            "top_kernels": [{"ms_total": round(us / 1000, 2), "calls": n, "name": name} for us, n, name in rows[:10]]}
+    rec = profile_call(lambda: _step(transformer, *inputs), out / f"wan_profile_{mode}.txt")
+    attention_s = rec["by_kind_s"].get("attention", 0.0)
+    return {**rec, "attention_tflop_s": round(2 * attention_tflop / attention_s, 1) if attention_s else None}
 
 
 def main() -> int:
@@ -97,7 +77,7 @@ def main() -> int:
         applied = accel.accelerate_wan(pipe, accel.AccelOptions(enabled=True, compile=True,
                                                                 wan_attention_backend=backend))
         report["modes"][mode] = {"applied": applied, **_measure(tr, inputs, out, mode.replace(":", "-"), attention)}
-        report["ratio"][mode] = round(report["modes"]["baseline"]["step_s_min"] / report["modes"][mode]["step_s_min"], 3)
+        report["ratio"][mode] = round(report["modes"]["baseline"]["wall_s_min"] / report["modes"][mode]["wall_s_min"], 3)
         path.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "modes"}), flush=True)
     for mode, rec in report["modes"].items():
