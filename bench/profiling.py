@@ -1,6 +1,9 @@
 """Kernel-level profiles for the bench/*_profile.py scripts: CUDA kernel time by kind under torch.profiler."""
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import re
 import time
 from collections import defaultdict
@@ -62,3 +65,30 @@ def profile_call(fn: Callable[[], object], table: Path, runs: int = 3) -> dict:
     return {"wall_s_min": round(min(times), 4), "kernels_s": round(sum(by_kind.values()) / 1e6, 4), "kernels": count,
             "by_kind_s": {k: round(v / 1e6, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"ms_total": round(us / 1000, 2), "calls": n, "name": name} for us, n, name in rows[:10]]}
+
+
+def parse_args(doc: str, name: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """(args, out folder, created) of a profile script: --tiny, --out (default $OUT or /tmp/<name>), extras;
+    args is None where there is no CUDA (the profiles are of CUDA kernels)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT") or f"/tmp/{name}")
+    if extra:
+        extra(ap)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        print(f"{name} needs CUDA (the profile is of CUDA kernels)")
+        return None, out
+    return args, out
+
+
+def header() -> dict:
+    return {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def print_report(report: dict) -> None:
+    print(json.dumps({k: v for k, v in report.items() if k != "modes"}), flush=True)
+    for mode, rec in report["modes"].items():
+        print(mode, json.dumps({k: v for k, v in rec.items() if k != "top_kernels"})[:1200], flush=True)

@@ -11,16 +11,14 @@ kernels table OUT/qwen_profile_<attention>.txt.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from bench.models import build_qwen
-from bench.profiling import kernel_times
+from bench.profiling import header, kernel_times, parse_args
 from pipelines.chat_options import BatchOptions
 
 def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> dict:
@@ -54,23 +52,15 @@ def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> d
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--attention", default="packed,matmul")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--prompt-tokens", type=int, default=300)
-    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/qwen-profile")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
-        print("qwen_profile needs CUDA (the profile is of CUDA kernels)")
+    args, out = parse_args(__doc__, "qwen_profile", lambda ap: (
+        ap.add_argument("--attention", default="packed,matmul"), ap.add_argument("--tokens", type=int, default=64),
+        ap.add_argument("--prompt-tokens", type=int, default=300)))
+    if args is None:
         return 1
     model = build_qwen("cuda", tiny=args.tiny)
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
-    report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "weights_gb": round(weight_gb, 2),
-              "modes": {}}
+    report = {**header(), "weights_gb": round(weight_gb, 2), "modes": {}}
     path = out / "qwen_profile.json"
     for attention in filter(None, args.attention.split(",")):
         decoder = BatchOptions(attention=attention).decoder(model, 4096)  # otherwise the production defaults

@@ -10,16 +10,13 @@ mode in OUT/sdxl_profile_<mode>.txt. Needs CUDA.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 
 from bench.harness import import_accel
 from bench.models import build_sdxl
-from bench.profiling import profile_call
+from bench.profiling import header, parse_args, print_report, profile_call
 
 
 def _inputs(pipe, side: int, device: str = "cuda") -> tuple:
@@ -38,14 +35,8 @@ def _step(unet, latents, t, text, added):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/sdxl-profile")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
-        print("sdxl_profile needs CUDA (the profile is of CUDA kernels)")
+    args, out = parse_args(__doc__, "sdxl_profile")
+    if args is None:
         return 1
     pipe = build_sdxl("cuda", tiny=args.tiny)
     inputs = _inputs(pipe, 64 if args.tiny else 1024)
@@ -54,8 +45,7 @@ def main() -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as flops:
         _step(pipe.unet, *inputs)
     tflop = flops.get_total_flops() / 1e12
-    report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "tflop_per_step": round(tflop, 2),
-              "modes": {}}
+    report = {**header(), "tflop_per_step": round(tflop, 2), "modes": {}}
     path = out / "sdxl_profile.json"
     for mode in ("baseline", "accelerated"):
         if mode == "accelerated":
@@ -68,9 +58,7 @@ def main() -> int:
         path.write_text(json.dumps(report, indent=1))
     report["ratio"] = round(report["modes"]["baseline"]["wall_s_min"] / report["modes"]["accelerated"]["wall_s_min"], 3)
     path.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "modes"}), flush=True)
-    for mode, rec in report["modes"].items():
-        print(mode, json.dumps({k: v for k, v in rec.items() if k != "top_kernels"}), flush=True)
+    print_report(report)
     return 0
 
 

@@ -10,16 +10,14 @@ Writes OUT/wan_profile.json and the top kernels per mode in OUT/wan_profile_<mod
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from bench.harness import import_accel
 from bench.models import build_wan, wan_text_dim
-from bench.profiling import profile_call
+from bench.profiling import header, parse_args, print_report, profile_call
 
 
 def _attention_tflop(config, frames: int, height: int, width: int, text_tokens: int) -> float:
@@ -43,15 +41,9 @@ def _measure(transformer, inputs, out: Path, mode: str, attention_tflop: float) 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--backends", default="_native_cudnn,native", help="diffusers attention backends to accelerate with")
-    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/wan-profile")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
-        print("wan_profile needs CUDA (the profile is of CUDA kernels)")
+    args, out = parse_args(__doc__, "wan_profile", lambda ap: ap.add_argument(
+        "--backends", default="_native_cudnn,native", help="diffusers attention backends to accelerate with"))
+    if args is None:
         return 1
     pipe = build_wan("cuda", tiny=args.tiny)
     frames, height, width, text_tokens = (5, 32, 32, 16) if args.tiny else (81, 480, 832, 512)
@@ -63,8 +55,7 @@ def main() -> int:
                     for _ in range(2))
     inputs = (x, torch.tensor([500], device="cuda"), cond, uncond)
     attention = _attention_tflop(tr.config, frames, height, width, text_tokens)
-    report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "attention_tflop_per_forward": round(attention, 1), "modes": {}, "ratio": {}}
+    report = {**header(), "attention_tflop_per_forward": round(attention, 1), "modes": {}, "ratio": {}}
     path = out / "wan_profile.json"
     report["modes"]["baseline"] = _measure(tr, inputs, out, "baseline", attention)
     path.write_text(json.dumps(report, indent=1))
@@ -79,9 +70,7 @@ def main() -> int:
         report["modes"][mode] = {"applied": applied, **_measure(tr, inputs, out, mode.replace(":", "-"), attention)}
         report["ratio"][mode] = round(report["modes"]["baseline"]["wall_s_min"] / report["modes"][mode]["wall_s_min"], 3)
         path.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "modes"}), flush=True)
-    for mode, rec in report["modes"].items():
-        print(mode, json.dumps({k: v for k, v in rec.items() if k != "top_kernels"}), flush=True)
+    print_report(report)
     return 0
 
 
