@@ -252,6 +252,15 @@ class FastDecoder:
 
     # --- forward passes ----------------------------------------------------------------------
 
+    def _qkv(self, layer, x: torch.Tensor, f, cos, sin):
+        """q, k, v of x [rows, tokens, hidden] as [rows, heads, tokens, head_dim], q and k rotated."""
+        rows, tokens = x.shape[:2]
+        q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(x), f)
+        q = q.view(rows, tokens, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(rows, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        return (*self.rope(q, k, cos, sin), v)
+
     def _prefill(self, ids: torch.Tensor, pads: list[int], kv: list[torch.Tensor], rows: torch.Tensor, end: int):
         """Left-padded prompts of `rows` into cache columns [end - width, end); last-position logits."""
         n, width = ids.shape
@@ -266,11 +275,7 @@ class FastDecoder:
             mask = (allowed | torch.eye(width, dtype=torch.bool, device=dev))[:, None]
         for i, (layer, f) in enumerate(zip(self.layers, self.fused.layers())):
             attn = layer.self_attn
-            q, k, v = project_qkv(attn, layer.input_layernorm(x), f)
-            q = q.view(n, width, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(n, width, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
+            q, k, v = self._qkv(layer, x, f, cos, sin)
             kv[2 * i][rows, :, end - width:end] = k
             kv[2 * i + 1][rows, :, end - width:end] = v
             o = F.scaled_dot_product_attention(q, _repeat_kv(k, self.n_rep), _repeat_kv(v, self.n_rep),
@@ -292,11 +297,7 @@ class FastDecoder:
         mode = self.attention if self.attention != "auto" else ("matmul" if b == 1 else "packed")  # per shape
         for i, (layer, f) in enumerate(zip(self.layers, fused)):
             attn = layer.self_attn
-            q, k, v = project_qkv(attn, layer.input_layernorm(x), f)
-            q = q.view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(b, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
+            q, k, v = self._qkv(layer, x, f, cos, sin)
             keys, values = kv[2 * i], kv[2 * i + 1]
             keys.index_copy_(2, column, k)
             values.index_copy_(2, column, v)
