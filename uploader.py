@@ -34,7 +34,7 @@ from supabase.lib.client_options import SyncClientOptions
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from png_encoding import encode_png  # noqa: F401  (re-exported: the encoders live beside the uploader)
+from png_encoding import encode_png
 from schemas.common import Reference, check_safe_id
 from schemas.errors import PayloadError
 from schemas.settings import Settings
@@ -401,9 +401,10 @@ class Uploader:
         def store_png(path: str, img: Image.Image) -> StoredFile:
             return self.upload(path, encode_png(img, level), "image/png")
 
-        # FFmpeg, libwebp and the sockets release the GIL. A PNG and its thumbnail are independent, so
-        # each is its own task: a lone image's thumbnail is done while its PNG still encodes, and a
-        # 6-image job keeps STORE_THREADS busy. Every task has ended (or failed) before this returns.
+        # zlib (png_encoding), libwebp and the sockets release the GIL. A PNG and its thumbnail are
+        # independent, so each is its own task: a lone image's thumbnail is done while its PNG still
+        # encodes, and a 6-image job keeps STORE_THREADS busy. Every task has ended (or failed) before
+        # this returns.
         paths = [image_paths(user_id, job_id, i) for i in range(len(images))]
         with ThreadPoolExecutor(max_workers=max(1, min(STORE_THREADS, 2 * len(images)))) as pool:
             tasks = [(pool.submit(store_png, png_path, img), pool.submit(self._store_thumbnail, thumb_path, img))

@@ -163,42 +163,38 @@ class SdxlPipeline:
 
     def _warm_up(self) -> None:
         width, height, images = self._warmup_shape()
-        reference = Image.new("RGB", (width, height), "gray")
         main = self._warmup_request(width, height, images)
-        try:
+        reference = Image.new("RGB", (width, height), "gray")
+
+        def txt2img_and_img2img() -> None:
             self.run(main)
             self.run(main.model_copy(update={"reference": Reference(source="warmup"), "strength": 0.5}), reference)
-        except Exception as exc:
-            self._refuse_to_serve()
-            raise RuntimeError(f"SDXL warm-up at {width}x{height}, {images} image(s) failed, refusing to start "
-                               f"(lower GENQ_LIMIT_SDXL_MAX_PIXELS or SDXL_WARMUP_*): {exc}") from exc
-        finally:
-            self._empty_cache()
+
+        self._warm(txt2img_and_img2img, f"at {width}x{height}, {images} image(s) failed, refusing to start "
+                                        "(lower GENQ_LIMIT_SDXL_MAX_PIXELS or SDXL_WARMUP_*)")
         extra = [shape for shape in self.sdxl_settings.warmup_extra if shape != (width, height, images)]
         for shape in extra:  # txt2img is enough: img2img runs the same UNet and VAE decoder
-            try:
-                self.run(self._warmup_request(*shape))
-            except Exception as exc:
-                self._refuse_to_serve()
-                raise RuntimeError("SDXL warm-up at SDXL_WARMUP_EXTRA shape %dx%dx%d failed, refusing to start: %s"
-                                   % (*shape, exc)) from exc
-            finally:
-                self._empty_cache()
+            self._warm(lambda: self.run(self._warmup_request(*shape)),
+                       "at SDXL_WARMUP_EXTRA shape %dx%dx%d failed, refusing to start" % shape)
         log.info("SDXL ready on %s (%s), warmed up at %s", self.device, self.dtype,
                  ", ".join("%dx%d x%d" % shape for shape in [(width, height, images), *extra]))
+
+    def _warm(self, runs: Callable[[], object], failure: str) -> None:
+        """Warm-up runs; on any error this object lets its memory go and must not serve."""
+        try:
+            runs()
+        except Exception as exc:
+            self.txt2img = self.img2img = None
+            raise RuntimeError(f"SDXL warm-up {failure}: {exc}") from exc
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @staticmethod
     def _warmup_request(width: int, height: int, images: int) -> SdxlRequest:
         return SdxlRequest(job_id="warmup", user_id="warmup", job_type="sdxl_image_fast", prompt="warm-up",
                            width=width, height=height, steps=2, guidance_scale=5.0, num_images=images,
                            seeds=list(range(images)))
-
-    def _refuse_to_serve(self) -> None:
-        self.txt2img = self.img2img = None  # let the memory go: this object must not serve
-
-    def _empty_cache(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def warmup_shape(self) -> SimpleNamespace:
         """The largest warm-up job's shape, for memory admission before setup() (consumers/gpu.py)."""
