@@ -136,7 +136,8 @@ def main() -> None:
         cap = st["unet_cap"]
         with torch.no_grad():
             unet_out = pipe.unet(*cap.args, **cap.kwargs)
-        unet_out = unet_out[0] if isinstance(unet_out, tuple) else unet_out.sample
+        # cloned: under CUDA graphs (reduce-overhead) the next UNet call reuses the output's memory
+        unet_out = _clone(unet_out[0] if isinstance(unet_out, tuple) else unet_out.sample)
         lat = call(1, args.steps, output_type="latent")
         with torch.no_grad():
             ours_img = (pipe.vae.decode(st["ref_latents"] / pipe.vae.config.scaling_factor).sample / 2 + 0.5)

@@ -2,7 +2,7 @@
 kind for the plain fp16 UNet and for the accelerated one (pipelines.accel.accelerate_sdxl: fused q|k|v,
 channels-last, torch.compile), against the step's FLOPs counted by torch's FlopCounterMode.
 
-    python -m bench.sdxl_profile [--tiny] [--out DIR]
+    python -m bench.sdxl_profile [--tiny] [--compile-mode MODE] [--out DIR]
 
 Each mode: one warm-up step (the accelerated one compiles, ~2 min on an H200), three timed steps
 (synchronised, min), one step under torch.profiler. Writes OUT/sdxl_profile.json and the top kernels per
@@ -35,7 +35,8 @@ def _step(unet, latents, t, text, added):
 
 
 def main() -> int:
-    args, out = parse_args(__doc__, "sdxl_profile")
+    args, out = parse_args(__doc__, "sdxl_profile", lambda ap: ap.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode of the accelerated UNet (reduce-overhead: CUDA graphs)"))
     if args is None:
         return 1
     pipe = build_sdxl("cuda", tiny=args.tiny)
@@ -50,7 +51,8 @@ def main() -> int:
     for mode in ("baseline", "accelerated"):
         if mode == "accelerated":
             accel = import_accel()
-            report["accelerated_with"] = accel.accelerate_sdxl(pipe, accel.AccelOptions(enabled=True, compile=True))
+            report["accelerated_with"] = accel.accelerate_sdxl(pipe, accel.AccelOptions(enabled=True, compile=True,
+                                                                                               compile_mode=args.compile_mode))
             inputs = (inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
         rec = profile_call(lambda: _step(pipe.unet, *inputs), out / f"sdxl_profile_{mode}.txt")
         rec["tflop_s"] = round(tflop / rec["wall_s_min"], 1)
