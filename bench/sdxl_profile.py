@@ -46,7 +46,8 @@ def main() -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as flops:
         _step(pipe.unet, *inputs)
     tflop = flops.get_total_flops() / 1e12
-    report = {**header(), "tflop_per_step": round(tflop, 2), "modes": {}}
+    by_op = {str(op): round(n / 1e12, 3) for op, n in flops.get_flop_counts()["Global"].items()}
+    report = {**header(), "tflop_per_step": round(tflop, 2), "tflop_by_op": by_op, "modes": {}}
     path = out / "sdxl_profile.json"
     for mode in ("baseline", "accelerated"):
         if mode == "accelerated":
