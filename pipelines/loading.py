@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from filelock import FileLock
@@ -80,3 +81,18 @@ def _build_once(cache_dir: Path, family: str, builder: Callable[[Path], None]) -
             shutil.rmtree(scratch, ignore_errors=True)
             raise
     return target
+
+
+@contextmanager
+def warm_up_or_refuse(device: torch.device, release: Callable[[], None], failure: str) -> Iterator[None]:
+    """Around a warm-up run at start. Any error calls `release()` (the pipeline drops its components, so
+    their memory goes and the object cannot serve) and becomes RuntimeError("<failure>: <error>"), which
+    refuses the start. Either way the run's cached CUDA blocks go back to the card's other processes."""
+    try:
+        yield
+    except Exception as exc:
+        release()
+        raise RuntimeError(f"{failure}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -66,7 +66,7 @@ from schemas.sdxl import SdxlRequest
 from schemas.settings import Settings
 
 from .accel import AccelOptions, accelerate_sdxl
-from .loading import TINY, pick_device, pick_dtype, resolve_model_path
+from .loading import TINY, pick_device, pick_dtype, resolve_model_path, warm_up_or_refuse
 from .tiny_sdxl import build_tiny_sdxl
 
 log = logging.getLogger(__name__)
@@ -180,15 +180,11 @@ class SdxlPipeline:
                  ", ".join("%dx%d x%d" % shape for shape in [(width, height, images), *extra]))
 
     def _warm(self, runs: Callable[[], object], failure: str) -> None:
-        """Warm-up runs; on any error this object lets its memory go and must not serve."""
-        try:
+        with warm_up_or_refuse(self.device, self._release_pipelines, f"SDXL warm-up {failure}"):
             runs()
-        except Exception as exc:
-            self.txt2img = self.img2img = None
-            raise RuntimeError(f"SDXL warm-up {failure}: {exc}") from exc
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+
+    def _release_pipelines(self) -> None:
+        self.txt2img = self.img2img = None
 
     @staticmethod
     def _warmup_request(width: int, height: int, images: int) -> SdxlRequest:

@@ -36,7 +36,7 @@ from schemas.wan import (DEFAULT_DURATION_S, MIN_VIDEO_FRAMES, NATIVE_SIZES, REF
                          frames_for_duration)
 
 from .accel import AccelOptions, accelerate_wan
-from .loading import TINY, pick_device, pick_dtype, resolve_model_path
+from .loading import TINY, pick_device, pick_dtype, resolve_model_path, warm_up_or_refuse
 from .step_cache import set_wan_step_cache
 from .tiny_wan import build_tiny_wan, build_tiny_wan_vace
 
@@ -245,23 +245,20 @@ class WanVideoPipeline:
         width, height, frames = self._warmup_shape()
         started = time.perf_counter()
         for name, mode in self._warmup_plan():
-            try:
+            failure = (f"WAN warm-up of the {name} transformer (mode {mode}) at {width}x{height}, {frames} frames "
+                       "failed, refusing to start (lower WAN_WARMUP_WIDTH/HEIGHT/FRAMES or GENQ_LIMIT_WAN_MAX_FRAMES; "
+                       "WAN_WARMUP=0 skips the warm-up)")
+            with warm_up_or_refuse(self.device, self._release_transformers, failure):
                 request = self._warmup_request(width, height, frames, mode)
                 grey = PIL.Image.new("RGB", (width, height), _GREY)
                 self.run(request, {slot: grey for slot in REFERENCE_SLOTS[mode]})
-            except Exception as exc:
-                self._t2v = self._vace = None  # let the memory go: this object must not serve
-                raise RuntimeError(
-                    f"WAN warm-up of the {name} transformer (mode {mode}) at {width}x{height}, {frames} frames "
-                    "failed, refusing to start (lower WAN_WARMUP_WIDTH/HEIGHT/FRAMES or GENQ_LIMIT_WAN_MAX_FRAMES; "
-                    f"WAN_WARMUP=0 skips the warm-up): {type(exc).__name__}: {exc}") from exc
-            finally:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()  # the warm-up's blocks back to the other processes on the card
             self.warmup_runs.append((name, mode))
         self.warmup_s = time.perf_counter() - started
         runs = ", ".join(f"{name} {mode}" for name, mode in self.warmup_runs)
         return f"warmed up at {width}x{height}x{frames} in {self.warmup_s:.1f} s ({runs})"
+
+    def _release_transformers(self) -> None:
+        self._t2v = self._vace = None
 
     def _warmup_plan(self) -> list[tuple[str, str]]:
         """(transformer, mode) per loaded transformer that serves a mode, with its cheapest mode."""
