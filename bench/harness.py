@@ -50,6 +50,21 @@ def card() -> dict:
     return info
 
 
+# Datasheet memory bandwidth (TB/s) by card name, most specific first: the Qwen one-stream target is 70% of it.
+_BANDWIDTH_TB_S = (("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35))
+
+
+def bandwidth_tb_s(card_name: str) -> float | None:
+    return next((tb for key, tb in _BANDWIDTH_TB_S if key in card_name), None)
+
+
+def decode_read_bytes(model) -> int:
+    """Bytes a one-token decode step reads: every weight, but only one row of the embedding table."""
+    embed = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - embed.numel() * embed.element_size()
+
+
 class Report:
     """Collects figures and writes them after every stage, so a run cut off still leaves its numbers."""
 

@@ -1,9 +1,10 @@
 """Where a one-row Qwen 2.5 7B decode step spends its time: a kernel-level profile of the chat engine's
 compiled decoder (the production `BatchOptions` defaults), against the bandwidth floor.
 
-    python -m bench.qwen_profile [--tiny] [--attention packed,matmul] [--tokens 64] [--out DIR]
+    python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul@max-autotune] [--tokens 64] [--out DIR]
 
-For each decode attention (GENQ_CHAT_ATTENTION): warm the 1-row shape, time a 300-token prompt + `--tokens` greedy tokens, then run
+For each decode attention (GENQ_CHAT_ATTENTION), optionally `@` a torch.compile mode (GENQ_CHAT_COMPILE_MODE;
+max-autotune turns the single-row coordinate-descent tuning off, as it autotunes itself): warm the 1-row shape, time a 300-token prompt + `--tokens` greedy tokens, then run
 the same under torch.profiler and sum CUDA kernel time per step by kind (matrix products, Triton
 reductions, Triton pointwise, attention, copies, other), count kernels per step, and report the step's
 wall time minus its kernel time (idle gaps between kernels). Writes OUT/qwen_profile.json and the top
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from bench.harness import bandwidth_tb_s, decode_read_bytes
 from bench.models import build_qwen
 from bench.profiling import header, kernel_times, parse_args
 from pipelines.chat_options import BatchOptions
@@ -62,23 +65,28 @@ def main() -> int:
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     report = {**header(), "weights_gb": round(weight_gb, 2), "modes": {}}
     path = out / "qwen_profile.json"
-    for attention in filter(None, args.attention.split(",")):
-        decoder = BatchOptions(attention=attention).decoder(model, 4096)  # otherwise the production defaults
+    for variant in filter(None, args.attention.split(",")):
+        attention, _, mode = variant.partition("@")
+        options = BatchOptions(attention=attention)  # otherwise the production defaults
+        if mode:
+            options = replace(options, compile_mode=mode, tune_single_row=not mode.startswith("max-autotune"))
+        decoder = options.decoder(model, 4096)
+        label = variant.replace("@", "_")
         t0 = time.perf_counter()
         with torch.inference_mode():
             decoder.warm(1, 1024)
         rec = {"warm_s": round(time.perf_counter() - t0, 1)}
         with torch.inference_mode():
-            rec.update(_profile(decoder, prompt, args.tokens, out, attention))
-        # A step reads every weight but the embedding table (one row of it); H200 datasheet: 4.8 TB/s.
-        embed = model.model.embed_tokens.weight
-        read = decoder.weight_bytes - embed.numel() * embed.element_size()
-        rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), bandwidth_floor_ms_h200=round(read / 4.8e12 * 1000, 3),
-                   achieved_tb_s=round(read / (rec["step_ms_wall"] / 1000) / 1e12, 2))
-        report["modes"][attention] = rec
+            rec.update(_profile(decoder, prompt, args.tokens, out, label))
+        read, bandwidth = decode_read_bytes(model), bandwidth_tb_s(report["card"]) or 4.8
+        achieved = read / (rec["step_ms_wall"] / 1000) / 1e12
+        rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), card_bandwidth_tb_s=bandwidth,
+                   bandwidth_floor_ms=round(read / (bandwidth * 1e12) * 1000, 3),
+                   achieved_tb_s=round(achieved, 2), bandwidth_fraction=round(achieved / bandwidth, 3))
+        report["modes"][label] = rec
         decoder.release_memory()
         path.write_text(json.dumps(report, indent=1))
-        print(attention, json.dumps(rec)[:1200], flush=True)
+        print(label, json.dumps(rec)[:1200], flush=True)
     return 0
 
 
