@@ -12,6 +12,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -57,7 +58,7 @@ OUTBOX_MAX_DELAY_S = 600.0
 # leaves the entry to be claimed again when the lease runs out, so nothing is orphaned.
 _CLAIM = """
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if due and tonumber(due) <= tonumber(ARGV[2]) then
+if due and (ARGV[2] == '+inf' or tonumber(due) <= tonumber(ARGV[2])) then
   redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
   return 1
 end
@@ -511,14 +512,16 @@ class Uploader:
         """Try the callbacks whose time has come (one try each); returns how many were delivered.
 
         `now` (epoch seconds) lets a caller treat entries as due earlier than their backoff says;
-        `due_by` takes entries due up to then without moving the clock their age is judged by.
+        `due_by` takes entries due up to then without moving the clock their age is judged by
+        (math.inf: every entry, whatever its backoff says).
         """
         now = time.time() if now is None else now
         due_by = now if due_by is None else max(now, due_by)
+        bound = "+inf" if math.isinf(due_by) else due_by  # Redis's spelling, in ZRANGEBYSCORE and the script
         delivered = 0
-        for raw in self.redis.zrangebyscore(OUTBOX_DUE, "-inf", due_by, start=0, num=limit):
+        for raw in self.redis.zrangebyscore(OUTBOX_DUE, "-inf", bound, start=0, num=limit):
             entry = _text(raw)
-            if not self._claim(keys=[OUTBOX_DUE], args=[entry, due_by, now + self._lease_s]):
+            if not self._claim(keys=[OUTBOX_DUE], args=[entry, bound, now + self._lease_s]):
                 continue  # another daemon claimed it first
             raw_record = self.redis.hget(OUTBOX, entry)
             if raw_record is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 
@@ -64,7 +65,7 @@ def run(family_name: str, settings: Settings, burst: bool = False, log_level: st
     workers = build(family_name, settings)
     # A (re)start is the natural moment to retry every callback left over, whatever its backoff says:
     # the receiver may have come back meanwhile, and a burst run may not live until they fall due.
-    delivered = workers[0].runtime.uploader.deliver_outbox(due_by=time.time() + 365 * 86400)
+    delivered = workers[0].runtime.uploader.deliver_outbox(due_by=math.inf)
     if delivered:
         log.info("delivered %d callback(s) left over from an earlier run", delivered)
     try:
