@@ -4,11 +4,12 @@ compiled decoder (the production `BatchOptions` defaults), against the bandwidth
     python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul@max-autotune] [--tokens 64] [--out DIR]
 
 For each decode attention (GENQ_CHAT_ATTENTION), optionally `@` a torch.compile mode (GENQ_CHAT_COMPILE_MODE;
-max-autotune turns the single-row coordinate-descent tuning off, as it autotunes itself): warm the 1-row shape, time a 300-token prompt + `--tokens` greedy tokens, then run
-the same under torch.profiler and sum CUDA kernel time per step by kind (matrix products, Triton
-reductions, Triton pointwise, attention, copies, other), count kernels per step, and report the step's
-wall time minus its kernel time (idle gaps between kernels). Writes OUT/qwen_profile.json and the top
-kernels table OUT/qwen_profile_<attention>.txt.
+max-autotune turns the single-row coordinate-descent tuning off, as it autotunes itself): warm the 1-row
+shape, time a 300-token prompt + `--tokens` greedy tokens, then run the same under torch.profiler and sum
+CUDA kernel time per step by kind (matrix products, Triton reductions, Triton pointwise, attention, copies,
+other), count kernels per step, and report the step's wall time minus its kernel time (idle gaps between
+kernels) and the fraction of the card's datasheet bandwidth reached. Writes OUT/qwen_profile.json and the
+top kernels table OUT/qwen_profile_<attention>[_<mode>].txt.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def _step(unet, latents, t, text, added):
 
 def main() -> int:
     args, out = parse_args(__doc__, "sdxl_profile", lambda ap: ap.add_argument(
-        "--compile-mode", default=None, help="torch.compile mode of the accelerated UNet (reduce-overhead: CUDA graphs)"))
+        "--compile-mode", default=None, help="torch.compile mode of the accelerated UNet (reduce-overhead: graphs)"))
     if args is None:
         return 1
     pipe = build_sdxl("cuda", tiny=args.tiny)
@@ -52,8 +52,8 @@ def main() -> int:
     for mode in ("baseline", "accelerated"):
         if mode == "accelerated":
             accel = import_accel()
-            report["accelerated_with"] = accel.accelerate_sdxl(pipe, accel.AccelOptions(enabled=True, compile=True,
-                                                                                               compile_mode=args.compile_mode))
+            opts = accel.AccelOptions(enabled=True, compile=True, compile_mode=args.compile_mode)
+            report["accelerated_with"] = accel.accelerate_sdxl(pipe, opts)
             inputs = (inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
         rec = profile_call(lambda: _step(pipe.unet, *inputs), out / f"sdxl_profile_{mode}.txt")
         rec["tflop_s"] = round(tflop / rec["wall_s_min"], 1)
