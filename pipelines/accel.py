@@ -8,7 +8,8 @@ equivalent changes and never compile, so tests exercise the same code paths as t
 Switches (environment, read by AccelOptions.from_env):
   GENQ_ACCEL=1               fused QKV, channels-last, bf16 VAE decode, attention backend
   GENQ_COMPILE=1             torch.compile on top (CUDA only)
-  GENQ_COMPILE_MODE          torch.compile mode (default: inductor's default mode)
+  GENQ_COMPILE_MODE          torch.compile mode: default (inductor's default, also when unset), reduce-overhead,
+                             max-autotune or max-autotune-no-cudagraphs
   GENQ_COMPILE_DYNAMIC=1     SDXL: one compiled graph with symbolic sizes for every shape (see below)
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
@@ -21,45 +22,46 @@ GENQ_CHAT_* (pipelines/chat_batch.py, docs/CHAT.md "Batching").
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_TRUE = {"1", "true", "yes", "on"}
+# torch.compile's modes ("default" is inductor's default mode, as when the setting is empty)
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
-@dataclass(frozen=True)
-class AccelOptions:
-    enabled: bool = False
-    compile: bool = False
-    compile_mode: str | None = None
+class AccelOptions(BaseModel):
+    """The switches above; `from_env` reads them, and a bad value is refused naming its variable."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    enabled: bool = Field(False, validation_alias="GENQ_ACCEL")
+    compile: bool = Field(False, validation_alias="GENQ_COMPILE")
+    compile_mode: CompileMode | None = Field(None, validation_alias="GENQ_COMPILE_MODE")
     # One SDXL graph with symbolic batch, width and height would serve every size the contract allows,
     # but its first compile did not finish in 8 minutes on an H200 (docs/PERFORMANCE.md, cold start):
     # off by default, so the warm-up shape compiles statically and others compile on first use.
-    compile_dynamic: bool = False
-    cache_dir: str | None = None
-    wan_attention_backend: str = "_native_cudnn"
-    wan_vae_bf16: bool = False
+    compile_dynamic: bool = Field(False, validation_alias="GENQ_COMPILE_DYNAMIC")
+    cache_dir: str | None = Field(None, validation_alias="GENQ_COMPILE_CACHE_DIR")
+    wan_attention_backend: str = Field("_native_cudnn", validation_alias="GENQ_WAN_ATTENTION")
+    wan_vae_bf16: bool = Field(False, validation_alias="GENQ_WAN_VAE_BF16")
     # cuDNN autotuning tries algorithms whose workspaces reach tens of GB for each new convolution
     # shape (+35 GiB for a moment in a WAN VAE decode on an H200, beyond any admission budget): only
     # for a daemon that has its card to itself.
-    cudnn_benchmark: bool = False
+    cudnn_benchmark: bool = Field(False, validation_alias="GENQ_CUDNN_BENCHMARK")
+
+    @field_validator("compile_mode", "cache_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "AccelOptions":
         env = os.environ if environ is None else environ
-        enabled = env.get("GENQ_ACCEL", "0").strip().lower() in _TRUE
-        return cls(
-            enabled=enabled,
-            compile=enabled and env.get("GENQ_COMPILE", "0").strip().lower() in _TRUE,
-            compile_mode=env.get("GENQ_COMPILE_MODE") or None,
-            compile_dynamic=env.get("GENQ_COMPILE_DYNAMIC", "0").strip().lower() in _TRUE,
-            cache_dir=env.get("GENQ_COMPILE_CACHE_DIR") or None,
-            wan_attention_backend=env.get("GENQ_WAN_ATTENTION", "_native_cudnn"),
-            wan_vae_bf16=env.get("GENQ_WAN_VAE_BF16", "0").strip().lower() in _TRUE,
-            cudnn_benchmark=env.get("GENQ_CUDNN_BENCHMARK", "0").strip().lower() in _TRUE,
-        )
+        opts = cls.model_validate({k: v.strip() for k, v in env.items() if k.startswith("GENQ_")})
+        # compile only on top of the eager levers: GENQ_COMPILE alone changes nothing
+        return opts if opts.enabled else opts.model_copy(update={"compile": False})
 
 
 def _on_cuda(module: torch.nn.Module) -> bool:

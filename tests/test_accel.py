@@ -17,6 +17,15 @@ def test_options_come_from_the_environment():
     assert (opts.enabled, opts.compile, opts.cache_dir) == (True, True, "/c")
     assert AccelOptions.from_env({"GENQ_COMPILE": "1"}).compile is False  # compile only on top of accel
     assert AccelOptions.from_env({}) == AccelOptions()
+    assert AccelOptions.from_env({"GENQ_ACCEL": "on", "GENQ_COMPILE": "1", "GENQ_COMPILE_MODE": ""}).compile_mode is None
+    assert AccelOptions.from_env({"GENQ_COMPILE_MODE": " max-autotune "}).compile_mode == "max-autotune"
+
+
+@pytest.mark.parametrize("name, value", [("GENQ_ACCEL", "ture"), ("GENQ_COMPILE", "2"),
+                                         ("GENQ_COMPILE_MODE", "reduce_overhead"), ("GENQ_CUDNN_BENCHMARK", "maybe")])
+def test_a_bad_switch_is_refused_naming_its_variable(name, value):
+    with pytest.raises(ValueError, match=name):
+        AccelOptions.from_env({"GENQ_ACCEL": "1", name: value})
 
 
 @pytest.fixture(scope="module")
