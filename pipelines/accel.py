@@ -22,13 +22,12 @@ GENQ_CHAT_* (pipelines/chat_batch.py, docs/CHAT.md "Batching").
 from __future__ import annotations
 
 import os
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# torch.compile's modes ("default" is inductor's default mode, as when the setting is empty)
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+from schemas.settings import CompileMode
 
 
 class AccelOptions(BaseModel):

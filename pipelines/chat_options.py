@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
+from schemas.settings import COMPILE_MODES
+
 if TYPE_CHECKING:
     import torch
 
@@ -96,7 +98,7 @@ class BatchOptions:
             parsed = tuple(int(b) for b in buckets.split(",")) if buckets else cls.batch_buckets
         except ValueError:
             raise ValueError(f"GENQ_CHAT_BATCH_BUCKETS={buckets!r}: use a list like 1,2,4,8,16") from None
-        mode = env.get("GENQ_CHAT_COMPILE_MODE", "").strip()
+        mode = _choice(env, "GENQ_CHAT_COMPILE_MODE", COMPILE_MODES, "")
         return cls(
             enabled=_flag(env, "GENQ_CHAT_BATCH", None),
             max_batch=_number(env, "GENQ_CHAT_MAX_BATCH", cls.max_batch),

@@ -285,6 +285,9 @@ def test_options_come_from_the_environment():
     assert BatchOptions.from_env({"GENQ_CHAT_ATTENTION": "matmul"}).attention == "matmul"
     with pytest.raises(ValueError, match="GENQ_CHAT_ATTENTION='flash'"):
         BatchOptions.from_env({"GENQ_CHAT_ATTENTION": "flash"})
+    with pytest.raises(ValueError, match="GENQ_CHAT_COMPILE_MODE='reduce_overhead'"):
+        BatchOptions.from_env({"GENQ_CHAT_COMPILE_MODE": "reduce_overhead"})
+    assert BatchOptions.from_env({"GENQ_CHAT_COMPILE_MODE": "default"}).compile_mode is None
 
 
 def test_without_the_engine_concurrent_runs_take_turns(pipes):
