@@ -59,9 +59,12 @@ def bandwidth_tb_s(card_name: str) -> float | None:
 
 
 def decode_read_bytes(model) -> int:
-    """Bytes a one-token decode step reads: every weight, but only one row of the embedding table."""
+    """Bytes a one-token decode step reads: every weight, but only one row of the embedding table (unless
+    the LM head shares it, as tied embeddings do: then the head reads all of it)."""
     embed = model.get_input_embeddings().weight
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.get_output_embeddings().weight is embed:
+        return total
     return total - embed.numel() * embed.element_size()
 
 
