@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,8 +68,8 @@ def main() -> int:
     for variant in filter(None, args.attention.split(",")):
         attention, _, mode = variant.partition("@")
         options = BatchOptions(attention=attention)  # otherwise the production defaults
-        if mode:
-            options = replace(options, compile_mode=mode, tune_single_row=not mode.startswith("max-autotune"))
+        if mode:  # max-autotune does its own tuning
+            options = BatchOptions(attention=attention, compile_mode=mode, tune_single_row=not mode.startswith("max-"))
         decoder = options.decoder(model, 4096)
         label = variant.replace("@", "_")
         t0 = time.perf_counter()

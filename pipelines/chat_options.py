@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Literal, Mapping, get_args
 
-from schemas.settings import COMPILE_MODES
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from schemas.settings import CompileMode
 
 if TYPE_CHECKING:
     import torch
@@ -19,101 +20,69 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 # Decode attention (pipelines/decoder.py): "packed" fused SDPA on the key/value heads, "matmul" the same
 # as matrix products, "auto" matmul for one row and packed for more, "repeat" the cache repeated per
 # query head as transformers does. Here, not in decoder.py, so that settings parse without torch.
-ATTENTION_MODES = ("auto", "packed", "matmul", "repeat")
+AttentionMode = Literal["auto", "packed", "matmul", "repeat"]
+ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
+# Switches that also take "auto" (or nothing): their default, which for the first two depends on the device
+_AUTO = {"GENQ_CHAT_BATCH", "GENQ_CHAT_COMPILE", "GENQ_CHAT_TUNE_SINGLE_ROW", "GENQ_CHAT_WARMUP"}
 
 
-# --- settings ---------------------------------------------------------------------------------
+class BatchOptions(BaseModel):
+    """The chat engine's settings (environment: `from_env`; documented in docs/CHAT.md, "Batching").
+    A bad value is refused naming its variable; booleans take 1/0, true/false, yes/no, on/off."""
 
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
-def _flag(env: Mapping[str, str], name: str, default: bool | None) -> bool | None:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "auto"):
-        return default
-    if raw in _TRUE | _FALSE:
-        return raw in _TRUE
-    raise ValueError(f"{name}={raw!r}: use 1/0, true/false, on/off or auto")
+    enabled: bool | None = Field(None, validation_alias="GENQ_CHAT_BATCH")  # None: on when the models run on CUDA
+    max_batch: int = Field(16, ge=1, validation_alias="GENQ_CHAT_MAX_BATCH")
+    batch_buckets: tuple[int, ...] = Field((1, 2, 4, 8, 16), min_length=1, validation_alias="GENQ_CHAT_BATCH_BUCKETS")
+    window_ms: float = Field(5.0, ge=0, validation_alias="GENQ_CHAT_BATCH_WINDOW_MS")
+    # the KV pool: rows x cache length of any batch shape (memory.py counts it)
+    cache_tokens: int = Field(65536, ge=1, validation_alias="GENQ_CHAT_CACHE_TOKENS")
+    min_cache_len: int = Field(512, ge=1, validation_alias="GENQ_CHAT_MIN_CACHE_LEN")
+    sync_tokens: int = Field(16, ge=1, validation_alias="GENQ_CHAT_SYNC_TOKENS")
+    prefill_tokens: int = Field(16384, ge=1, validation_alias="GENQ_CHAT_PREFILL_TOKENS")
+    compile: bool | None = Field(None, validation_alias="GENQ_CHAT_COMPILE")  # None: on CUDA
+    # None: inductor's default mode (GENQ_CHAT_COMPILE_MODE=default)
+    compile_mode: CompileMode | None = Field("reduce-overhead", validation_alias="GENQ_CHAT_COMPILE_MODE")
+    tune_single_row: bool = Field(True, validation_alias="GENQ_CHAT_TUNE_SINGLE_ROW")
+    # "auto": +7% one-row tok/s on an H200 with greedy steps agreeing with the uncached forward as often
+    # as "packed" does there (docs/PERFORMANCE.md); batches run "packed" either way.
+    attention: AttentionMode = Field("auto", validation_alias="GENQ_CHAT_ATTENTION")
+    # None: 1x2048, max_batch x 1024, max_batch x 4096; () ("none"): no warm-up
+    warmup: tuple[tuple[int, int], ...] | None = Field(None, validation_alias="GENQ_CHAT_WARMUP")
 
+    @field_validator("batch_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value):
+        return tuple(part.strip() for part in value.split(",")) if isinstance(value, str) else value
 
-def _number(env: Mapping[str, str], name: str, default, kind=int, low=1):
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value < low:
-        raise ValueError(f"{name}={raw!r}: must be >= {low}")
-    return value
+    @field_validator("compile_mode", mode="before")
+    @classmethod
+    def _default_mode(cls, value):
+        return None if value == "default" else value
 
-
-def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
-    raw = env.get(name, "").strip()
-    if raw and raw not in allowed:
-        raise ValueError(f"{name}={raw!r}: use one of {', '.join(allowed)}")
-    return raw or default
-
-
-def _shapes(env: Mapping[str, str], name: str) -> tuple[tuple[int, int], ...] | None:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "auto"):
-        return None
-    if raw in ("none", "0", "off"):
-        return ()
-    try:
-        return tuple((int(b), int(n)) for b, n in (part.split("x") for part in raw.replace(" ", "").split(",")))
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: use shapes like 1x1024,16x1024 (rows x cache tokens)") from None
-
-
-@dataclass(frozen=True)
-class BatchOptions:
-    """The chat engine's settings (environment: `from_env`; documented in docs/CHAT.md, "Batching")."""
-
-    enabled: bool | None = None  # None: on when the chat models run on CUDA
-    max_batch: int = 16
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
-    window_ms: float = 5.0
-    cache_tokens: int = 65536  # the KV pool: rows x cache length of any batch shape (memory.py counts it)
-    min_cache_len: int = 512
-    sync_tokens: int = 16
-    prefill_tokens: int = 16384
-    compile: bool | None = None  # None: on CUDA
-    compile_mode: str | None = "reduce-overhead"
-    tune_single_row: bool = True
-    # ATTENTION_MODES. "auto": +7% one-row tok/s on an H200 with greedy steps agreeing with the uncached
-    # forward as often as "packed" does there (docs/PERFORMANCE.md); batches run "packed" either way.
-    attention: str = "auto"
-    warmup: tuple[tuple[int, int], ...] | None = None  # None: 1x2048, max_batch x 1024, max_batch x 4096
+    @field_validator("warmup", mode="before")
+    @classmethod
+    def _parse_shapes(cls, value):
+        if not isinstance(value, str):
+            return value
+        if value.lower() in ("none", "0", "off"):
+            return ()
+        parts = value.lower().replace(" ", "").split(",")
+        try:
+            return tuple((int(rows), int(length)) for rows, length in (part.split("x") for part in parts))
+        except ValueError:
+            raise ValueError("use shapes like 1x1024,16x1024 (rows x cache tokens), or none") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "BatchOptions":
         env = os.environ if environ is None else environ
-        buckets = env.get("GENQ_CHAT_BATCH_BUCKETS", "").strip()
-        try:
-            parsed = tuple(int(b) for b in buckets.split(",")) if buckets else cls.batch_buckets
-        except ValueError:
-            raise ValueError(f"GENQ_CHAT_BATCH_BUCKETS={buckets!r}: use a list like 1,2,4,8,16") from None
-        mode = _choice(env, "GENQ_CHAT_COMPILE_MODE", COMPILE_MODES, "")
-        return cls(
-            enabled=_flag(env, "GENQ_CHAT_BATCH", None),
-            max_batch=_number(env, "GENQ_CHAT_MAX_BATCH", cls.max_batch),
-            batch_buckets=parsed,
-            window_ms=_number(env, "GENQ_CHAT_BATCH_WINDOW_MS", cls.window_ms, float, 0),
-            cache_tokens=_number(env, "GENQ_CHAT_CACHE_TOKENS", cls.cache_tokens),
-            min_cache_len=_number(env, "GENQ_CHAT_MIN_CACHE_LEN", cls.min_cache_len),
-            sync_tokens=_number(env, "GENQ_CHAT_SYNC_TOKENS", cls.sync_tokens),
-            prefill_tokens=_number(env, "GENQ_CHAT_PREFILL_TOKENS", cls.prefill_tokens),
-            compile=_flag(env, "GENQ_CHAT_COMPILE", None),
-            compile_mode=(None if mode == "default" else mode) if mode else cls.compile_mode,
-            tune_single_row=bool(_flag(env, "GENQ_CHAT_TUNE_SINGLE_ROW", True)),
-            attention=_choice(env, "GENQ_CHAT_ATTENTION", ATTENTION_MODES, cls.attention),
-            warmup=_shapes(env, "GENQ_CHAT_WARMUP"),
-        )
+        given = {name: value.strip() for name, value in env.items() if name.startswith("GENQ_CHAT_")}
+        return cls.model_validate({name: value for name, value in given.items()
+                                   if value and not (name in _AUTO and value.lower() == "auto")})
 
     def active(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.enabled is None else self.enabled
