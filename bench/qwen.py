@@ -24,7 +24,8 @@ import torch
 from bench.harness import (Report, bandwidth_tb_s, compare, decode_read_bytes, memory, parse_args, ratio, reset_memory,
                            sync, timed)
 from bench.models import build_qwen
-from pipelines.decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
+from pipelines.decode_batch import DecodeBatch, DecodeRow, Sampling
+from pipelines.decoder import FastDecoder, length_buckets
 from pipelines.chat_batch import BatchEngine, BatchOptions, EngineModel, RowRequest
 from pipelines.chat_options import ATTENTION_MODES
 

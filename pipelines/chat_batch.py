@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .accel import configure_compile_cache
-from .decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, UnsupportedModel
+from .decode_batch import DecodeBatch, DecodeRow, Sampling
+from .decoder import FastDecoder, UnsupportedModel
 from .chat_options import BatchOptions
 
 log = logging.getLogger(__name__)

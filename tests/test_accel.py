@@ -8,7 +8,8 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 from bench.harness import compare
 from bench.models import build_qwen, build_sdxl, build_wan
 from pipelines.accel import AccelOptions, accelerate_sdxl, accelerate_wan
-from pipelines.decoder import DecodeBatch, DecodeRow, FastDecoder, Sampling, length_buckets
+from pipelines.decode_batch import DecodeBatch, DecodeRow, Sampling
+from pipelines.decoder import FastDecoder, length_buckets
 from pipelines.step_cache import set_wan_step_cache
 
 

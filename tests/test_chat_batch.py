@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pipelines import chat
-from pipelines.decoder import DecodeRow, FastDecoder, Sampling
+from pipelines.decode_batch import DecodeRow, Sampling
+from pipelines.decoder import FastDecoder
 from pipelines.chat import ChatPipeline
 from pipelines.chat_batch import BatchEngine, BatchOptions, EngineClosed, EngineModel, RowRequest, first_stop
 from pipelines.tiny_qwen import SPECIAL_TOKENS, build_tiny_qwen
