@@ -1,7 +1,7 @@
 """Cold start with compiled artefacts cached: the production pipeline's setup() in a fresh process, twice.
 
     python -m bench.cold_start [--families sdxl,chat] [--models /tmp/genq-models] [--cache DIR] [--tiny]
-                               [--sdxl-extra 1024x1024x3] [--budget-s 560] [--out DIR]
+                               [--sdxl-extra 1024x1024x3] [--env NAME=VALUE ...] [--budget-s 560] [--out DIR]
 
 For each family: the full-size random-weight folder is written (bench/full_models.py, in a child process
 so this one never touches the GPU), then the daemon's own pipeline class is constructed from the
@@ -132,9 +132,14 @@ def main() -> int:
     ap.add_argument("--cache", default="/tmp/genq-compile-cache")
     ap.add_argument("--starts", type=int, default=2, help="starts per family; the first fills the cache")
     ap.add_argument("--sdxl-extra", default="", help="SDXL_WARMUP_EXTRA for the SDXL starts (also timed as jobs)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for every start, e.g. GENQ_COMPILE_MODE=reduce-overhead (repeatable)")
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.env if "=" in item)
+    if len(overrides) != len(args.env):
+        ap.error("--env takes NAME=VALUE")
     if args.child:
         _child(args.child, args.measure_sdxl, float(os.environ["GENQ_BENCH_LAUNCHED_AT"]))
         return 0
@@ -145,7 +150,7 @@ def main() -> int:
     models = Path(args.models or ("/tmp/genq-models-tiny" if args.tiny else "/tmp/genq-models"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"families": {}, "tiny": args.tiny, "cache": args.cache}
+    report: dict = {"families": {}, "tiny": args.tiny, "cache": args.cache, "env": overrides}
     path, log_path = out / "cold_start.json", out / "cold_start.log"
 
     def save() -> None:
@@ -171,6 +176,7 @@ def main() -> int:
                    SDXL_WARMUP_EXTRA=args.sdxl_extra)
         if args.tiny:  # the tiny folders are not the TINY sentinel: keep the warm-up at their scale
             env.update(GENQ_DEVICE="cpu", SDXL_WARMUP_WIDTH="64", SDXL_WARMUP_HEIGHT="64", SDXL_WARMUP_IMAGES="1")
+        env.update(overrides)
         for i in range(args.starts):
             left = args.budget_s - (time.perf_counter() - begun)
             if left < 60:

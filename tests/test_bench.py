@@ -58,3 +58,23 @@ def test_a_decode_step_reads_every_weight_but_one_embedding_row():
     assert decode_read_bytes(model) == everything - embed.numel() * embed.element_size() > 0
     model.lm_head.weight = embed  # tied: the head reads the whole table every step
     assert decode_read_bytes(model) == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_cold_start_times_every_warmed_shape_and_passes_settings_to_its_starts(tmp_path):
+    common = ("--families", "sdxl", "--sdxl-extra", "64x64x3", "--models", str(tmp_path / "models"),
+              "--cache", str(tmp_path / "cache"))
+    done = run_bench("bench.cold_start", tmp_path / "ok", *common, "--env", "GENQ_COMPILE_MODE=reduce-overhead")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "ok" / "cold_start.json").read_text())
+    assert report["env"] == {"GENQ_COMPILE_MODE": "reduce-overhead"}
+    first, second = report["families"]["sdxl"]["starts"]
+    assert first["exit_code"] == second["exit_code"] == 0 and second["ready_after_launch_s"] > 0
+    jobs = second["warm_jobs"]  # the main shape and the extra one, ours and plain diffusers, same process
+    assert set(jobs["ours"]) == set(jobs["baseline"]) == set(jobs["ratio_min"]) == {"64x64x1", "64x64x3"}
+    assert jobs["graphs_compiled_after_start"] == 0
+    # a setting the start refuses shows that --env reaches it
+    refused = run_bench("bench.cold_start", tmp_path / "bad", *common, "--starts", "1",
+                        "--env", "GENQ_COMPILE_MODE=fast")
+    assert refused.returncode == 0
+    start = json.loads((tmp_path / "bad" / "cold_start.json").read_text())["families"]["sdxl"]["starts"][0]
+    assert start["exit_code"] != 0 and "GENQ_COMPILE_MODE" in (tmp_path / "bad" / "cold_start.log").read_text()
