@@ -2,7 +2,8 @@
 decode step per (rows, length) shape, sampling on the device.
 
 `FastDecoder` drives a transformers Qwen2 (Llama-layout) model's own modules; `DecodeBatch`
-(pipelines/decode_batch.py) is one running batch that rows join and leave. Its switches are GENQ_CHAT_* (pipelines/chat_options.py, docs/CHAT.md).
+(pipelines/decode_batch.py) is one running batch that rows join and leave. Its switches are GENQ_CHAT_*
+(pipelines/chat_options.py, docs/CHAT.md).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .accel import raise_recompile_limit
 from .chat_options import ATTENTION_MODES
 from .decode_batch import GREEDY, DecodeBatch, DecodeRow, Sampling
 from .fused import FusedProjections, mlp, project_qkv
@@ -47,13 +49,6 @@ def length_buckets(min_len: int, max_len: int) -> tuple[int, ...]:
         out.append(length)
         length *= 2
     return tuple(out + [max_len])
-
-
-def _raise_recompile_limit(n: int) -> None:
-    # One compiled graph per (batch, length) shape: more than dynamo's default of 8.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if getattr(torch._dynamo.config, name, n) < n:
-            setattr(torch._dynamo.config, name, n)
 
 
 class _KVPool:
@@ -145,7 +140,7 @@ class FastDecoder:
         self.fused = FusedProjections(self.layers, enabled=fuse, static=self.compiled)
         self._step = self._decode_step
         if self.compiled:
-            _raise_recompile_limit(64)
+            raise_recompile_limit(64)  # one compiled graph per (batch, length) shape
             self._step = torch.compile(self._decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
 
     # --- shapes -------------------------------------------------------------------------------

@@ -143,7 +143,10 @@ class SdxlPipeline:
         self.img2img = StableDiffusionXLImg2ImgPipeline(**txt2img.components, add_watermarker=False,
                                                         **_pipeline_options(txt2img))
         # GPU speed-ups behind GENQ_ACCEL / GENQ_COMPILE (docs/PERFORMANCE.md); a no-op when unset
-        log.info("sdxl accel: %s", accelerate_sdxl(self.txt2img, AccelOptions.from_env()) or "off")
+        # the shapes served listed: a static compiled graph each (pipelines/accel.py, compile_sdxl)
+        static = bool(self.sdxl_settings.warmup_extra)
+        applied = accelerate_sdxl(self.txt2img, AccelOptions.from_env(), static_shapes=static)
+        log.info("sdxl accel: %s", applied or "off")
         self._warm_up()
 
     def _load(self, path: Path) -> StableDiffusionXLPipeline:

@@ -1,13 +1,15 @@
 """pipelines.accel and pipelines.decoder on CPU: switches, equal results of the eager levers, FastDecoder against generate()."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
 from bench.harness import compare
 from bench.models import build_qwen, build_sdxl, build_wan
-from pipelines.accel import AccelOptions, accelerate_sdxl, accelerate_wan
+from pipelines.accel import AccelOptions, accelerate_sdxl, accelerate_wan, compile_sdxl
 from pipelines.decode_batch import DecodeBatch, DecodeRow, Sampling
 from pipelines.decoder import FastDecoder, length_buckets
 from pipelines.step_cache import set_wan_step_cache
@@ -27,6 +29,33 @@ def test_options_come_from_the_environment():
 def test_a_bad_switch_is_refused_naming_its_variable(name, value):
     with pytest.raises(ValueError, match=name):
         AccelOptions.from_env({"GENQ_ACCEL": "1", name: value})
+
+
+class _Compiled:
+    """Records what compile_sdxl asks of Module.compile (which compiles only on CUDA in production)."""
+
+    def __init__(self):
+        self.kwargs = None
+
+    def compile(self, **kwargs):
+        self.kwargs = kwargs
+
+
+@pytest.mark.parametrize("dynamic_env, static_shapes, expected, tag", [
+    ("0", False, None, "compile:default"),  # torch's default: static first, then a symbolic graph
+    ("0", True, False, "compile:default:static"),  # SDXL_WARMUP_EXTRA listed: one static graph per shape
+    ("1", True, True, "compile:default:dynamic"),  # GENQ_COMPILE_DYNAMIC wins
+])
+def test_compile_sdxl_picks_static_graphs_when_the_shapes_are_listed(dynamic_env, static_shapes, expected, tag):
+    import torch._dynamo.config as dynamo_config
+
+    pipe = SimpleNamespace(unet=_Compiled(), vae=SimpleNamespace(decoder=_Compiled()))
+    opts = AccelOptions.from_env({"GENQ_ACCEL": "1", "GENQ_COMPILE": "1", "GENQ_COMPILE_DYNAMIC": dynamic_env})
+    with dynamo_config.patch(recompile_limit=8):
+        assert compile_sdxl(pipe, opts, static_shapes=static_shapes) == tag
+        assert dynamo_config.recompile_limit == (32 if expected is False else 8)
+    for module in (pipe.unet, pipe.vae.decoder):
+        assert module.kwargs == {"fullgraph": True, "mode": None, "dynamic": expected}
 
 
 @pytest.fixture(scope="module")

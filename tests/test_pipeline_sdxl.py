@@ -270,6 +270,16 @@ def test_extra_warm_up_shapes_run_at_start_and_size_memory_admission(settings, m
     assert ran == [(64, 64, 1, False), (64, 64, 1, True), (64, 64, 3, False), (72, 64, 1, False)]
 
 
+@pytest.mark.parametrize("extra, static", [("", False), ("64x64x3", True)])
+def test_listed_warm_up_shapes_ask_for_static_compiled_graphs(settings, monkeypatch, extra, static):
+    import pipelines.sdxl as sdxl_module
+
+    asked = []
+    monkeypatch.setattr(sdxl_module, "accelerate_sdxl", lambda pipe, opts, static_shapes: asked.append(static_shapes))
+    SdxlPipeline(settings, SdxlSettings(SDXL_WARMUP_EXTRA=extra)).setup()
+    assert asked == [static]
+
+
 def test_a_failing_extra_warm_up_shape_refuses_to_start(settings, monkeypatch):
     real_run = SdxlPipeline.run
 
