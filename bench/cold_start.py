@@ -137,9 +137,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=560)
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    overrides = dict(item.split("=", 1) for item in args.env if "=" in item)
-    if len(overrides) != len(args.env):
+    if any("=" not in item for item in args.env):
         ap.error("--env takes NAME=VALUE")
+    overrides = dict(item.split("=", 1) for item in args.env)
     if args.child:
         _child(args.child, args.measure_sdxl, float(os.environ["GENQ_BENCH_LAUNCHED_AT"]))
         return 0
@@ -171,7 +171,7 @@ def main() -> int:
         cache = Path(args.cache) / family
         env = {**os.environ, **full_models.env_for(models), "GENQ_ACCEL": "1", "GENQ_COMPILE": "1",
                "GENQ_CHAT_COMPILE": "1", "GENQ_COMPILE_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
-        # The warm-up shape is the one compiled at start; --measure-sdxl times jobs of that shape.
+        # The warm-up shapes are the ones compiled at start; --measure-sdxl times jobs of each of them.
         env.update(SDXL_WARMUP_WIDTH="1024", SDXL_WARMUP_HEIGHT="1024", SDXL_WARMUP_IMAGES="1",
                    SDXL_WARMUP_EXTRA=args.sdxl_extra)
         if args.tiny:  # the tiny folders are not the TINY sentinel: keep the warm-up at their scale

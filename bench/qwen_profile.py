@@ -62,15 +62,15 @@ def main() -> int:
         return 1
     model = build_qwen("cuda", tiny=args.tiny)
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    read, bandwidth = decode_read_bytes(model), bandwidth_tb_s(torch.cuda.get_device_name()) or 4.8
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     report = {**header(), "weights_gb": round(weight_gb, 2), "modes": {}}
     path = out / "qwen_profile.json"
     for variant in filter(None, args.attention.split(",")):
         attention, _, mode = variant.partition("@")
-        options = BatchOptions(attention=attention)  # otherwise the production defaults
-        if mode:  # max-autotune does its own tuning
-            options = BatchOptions(attention=attention, compile_mode=mode, tune_single_row=not mode.startswith("max-"))
-        decoder = options.decoder(model, 4096)
+        # otherwise the production defaults; max-autotune does its own tuning
+        compiling = {"compile_mode": mode, "tune_single_row": not mode.startswith("max-")} if mode else {}
+        decoder = BatchOptions(attention=attention, **compiling).decoder(model, 4096)
         label = variant.replace("@", "_")
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -78,7 +78,6 @@ def main() -> int:
         rec = {"warm_s": round(time.perf_counter() - t0, 1)}
         with torch.inference_mode():
             rec.update(_profile(decoder, prompt, args.tokens, out, label))
-        read, bandwidth = decode_read_bytes(model), bandwidth_tb_s(report["card"]) or 4.8
         achieved = read / (rec["step_ms_wall"] / 1000) / 1e12
         rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), card_bandwidth_tb_s=bandwidth,
                    bandwidth_floor_ms=round(read / (bandwidth * 1e12) * 1000, 3),
