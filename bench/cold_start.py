@@ -38,16 +38,20 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _start(family: str, env: dict, measure: bool, log_path: Path, timeout: float) -> dict:
-    """One fresh process: construct, setup(), optionally measure; its last stdout line is its JSON."""
+    """One fresh process: construct, setup(), optionally measure; its last JSON line on stdout is its result."""
     cmd = [sys.executable, "-m", "bench.cold_start", "--child", family] + (["--measure-sdxl"] if measure else [])
     launched = time.perf_counter()
     with open(log_path, "ab") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, timeout=timeout)
-    lines = proc.stdout.decode().strip().splitlines()
-    result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    result.update(exit_code=proc.returncode, process_s=round(time.perf_counter() - launched, 1))
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, timeout=timeout)
+            stdout, code = proc.stdout, proc.returncode
+        except subprocess.TimeoutExpired as stopped:  # the start's own line survives a cut-off measurement
+            stdout, code = stopped.stdout or b"", f"killed after {timeout:.0f} s"
+    lines = [line for line in stdout.decode().splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {}
+    result.update(exit_code=code, process_s=round(time.perf_counter() - launched, 1))
     if "ready_after_launch_s" not in result:
-        result["error"] = f"no result (exit {proc.returncode}); see {log_path.name}"
+        result["error"] = f"no result (exit {code}); see {log_path.name}"
     weights = _WEIGHTS.findall(log_path.read_text(errors="replace").split("=== start")[-1])
     if weights:
         result["weights_on_gpu_s"] = float(weights[-1])
@@ -68,9 +72,10 @@ def _child(family: str, measure: bool, launched_at: float) -> None:
         torch.cuda.synchronize()
     out = {"setup_s": round(time.perf_counter() - t0, 1), "ready_after_launch_s": round(time.time() - launched_at, 1),
            "compile": _compile_report()}
+    print(json.dumps(out), flush=True)  # ready: printed before measuring, which a short budget may cut off
     if measure and family == "sdxl":
         out["warm_jobs"] = _measure_sdxl(pipe)
-    print(json.dumps(out), flush=True)
+        print(json.dumps(out), flush=True)
 
 
 def _compile_report() -> dict:
@@ -185,10 +190,7 @@ def main() -> int:
             with open(log_path, "a") as log:
                 log.write(f"\n=== start {i + 1} of {family}, cache {_dir_bytes(cache)} bytes\n")
             env["GENQ_BENCH_LAUNCHED_AT"] = repr(time.time())
-            try:
-                res = _start(family, env, i == args.starts - 1, log_path, timeout=left - 20)
-            except subprocess.TimeoutExpired:
-                res = {"error": f"timed out after {left - 20:.0f} s"}
+            res = _start(family, env, i == args.starts - 1, log_path, timeout=left - 20)
             res.update(start=i + 1, cache_bytes_after=_dir_bytes(cache))
             rec["starts"].append(res)
             save()
