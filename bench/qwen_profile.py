@@ -1,10 +1,12 @@
 """Where a one-row Qwen 2.5 7B decode step spends its time: a kernel-level profile of the chat engine's
 compiled decoder (the production `BatchOptions` defaults), against the bandwidth floor.
 
-    python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul@max-autotune] [--tokens 64] [--out DIR]
+    python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul@max-autotune,matmul+down-split] [--tokens 64] [--out DIR]
 
 For each decode attention (GENQ_CHAT_ATTENTION), optionally `@` a torch.compile mode (GENQ_CHAT_COMPILE_MODE;
-max-autotune turns the single-row coordinate-descent tuning off, as it autotunes itself): warm the 1-row
+max-autotune turns the single-row coordinate-descent tuning off, as it autotunes itself) and `+` candidate
+changes not in production yet (TWEAKS below, several joined by `+`), each measured against the same run's
+production variant before it is adopted: warm the 1-row
 shape, time a 300-token prompt + `--tokens` greedy tokens, then run the same under torch.profiler and sum
 CUDA kernel time per step by kind (matrix products, Triton reductions, Triton pointwise, attention, copies,
 other), count kernels per step, and report the step's wall time minus its kernel time (idle gaps between
@@ -13,16 +15,85 @@ top kernels table OUT/qwen_profile_<attention>[_<mode>].txt.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
+import torch.nn.functional as F
+
+import pipelines.decoder as decoder_module
 from bench.harness import bandwidth_tb_s, decode_read_bytes
 from bench.models import build_qwen
 from bench.profiling import header, kernel_times, parse_args
+from pipelines import fused
 from pipelines.chat_options import BatchOptions
+
+
+@torch.library.custom_op("genq_bench::silu_mul", mutates_args=())
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@_silu_mul.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
+
+
+def _mlp_down_split(module, h, f):
+    """SiLU(gate) * up written out by an opaque op, so the down projection's reduction reads 2 bytes an
+    input instead of recomputing SiLU from gate and up in every output row's program."""
+    if f.gate_up is None:
+        return module(h)
+    gate, up = F.linear(h, f.gate_up, f.gate_up_bias).split(f.gate_up_sizes, dim=-1)
+    return module.down_proj(_silu_mul(gate, up))
+
+
+def _qkv_mm(attn, h, f):
+    """q|k|v as a product plus the bias: one row's product becomes an inductor reduction with the bias
+    fused, instead of cuBLAS's addmm."""
+    if f.qkv is None:
+        return fused.project_qkv(attn, h, f)
+    return (F.linear(h, f.qkv) + f.qkv_bias).split(f.qkv_sizes, dim=-1)
+
+
+def _scores_reduced(q, keys):
+    """The scores as an fp32 reduction reading the bf16 keys, not a product of fp32 copies of the cache."""
+    return (q.float().unsqueeze(-2) * keys.unsqueeze(-3).float()).sum(-1)
+
+
+# name -> (module, attribute, replacement) or inductor config settings for the 1-row compile
+TWEAKS = {"down-split": (decoder_module, "mlp", _mlp_down_split),
+          "qkv-mm": (decoder_module, "project_qkv", _qkv_mm),
+          "scores-red": (decoder_module, "attention_scores", _scores_reduced),
+          "cd-wide": {"coordinate_descent_check_all_directions": True, "coordinate_descent_search_radius": 2}}
+
+
+@contextlib.contextmanager
+def _tweaked(names: list[str]):
+    import torch._inductor.config as inductor_config
+
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            tweak = TWEAKS[name]
+            if isinstance(tweak, dict):
+                stack.enter_context(inductor_config.patch(**tweak))
+            else:
+                module, attr, value = tweak
+                stack.enter_context(_patched(module, attr, value))
+        yield
+
+
+@contextlib.contextmanager
+def _patched(module, attr: str, value):
+    old = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, old)
 
 def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -66,17 +137,21 @@ def main() -> int:
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     report = {**header(), "weights_gb": round(weight_gb, 2), "modes": {}}
     path = out / "qwen_profile.json"
-    for variant in filter(None, args.attention.split(",")):
-        attention, _, mode = variant.partition("@")
+    variants = list(filter(None, args.attention.split(",")))
+    unknown = {t for v in variants for t in v.split("+")[1:]} - TWEAKS.keys()
+    if unknown:
+        raise SystemExit(f"--attention: unknown tweak(s) {sorted(unknown)}; known: {sorted(TWEAKS)}")
+    for variant in variants:
+        spec, *tweaks = variant.split("+")
+        attention, _, mode = spec.partition("@")
         # otherwise the production defaults; max-autotune does its own tuning
         compiling = {"compile_mode": mode, "tune_single_row": not mode.startswith("max-")} if mode else {}
         decoder = BatchOptions(attention=attention, **compiling).decoder(model, 4096)
-        label = variant.replace("@", "_")
+        label = variant.replace("@", "_").replace("+", "_")
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _tweaked(tweaks):  # the patched functions are traced inside
             decoder.warm(1, 1024)
-        rec = {"warm_s": round(time.perf_counter() - t0, 1)}
-        with torch.inference_mode():
+            rec = {"warm_s": round(time.perf_counter() - t0, 1)}
             rec.update(_profile(decoder, prompt, args.tokens, out, label))
         achieved = read / (rec["step_ms_wall"] / 1000) / 1e12
         rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), card_bandwidth_tb_s=bandwidth,

@@ -279,7 +279,7 @@ class FastDecoder:
                 q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
                 # Scores in fp32, as the fused kernels keep them: bf16 scores flipped more near-tied greedy
                 # picks on the GPU (214 of 256 steps agreeing with the uncached forward, against 223-229).
-                scores = torch.matmul(q.float(), keys.transpose(-1, -2).float()) * self.scaling
+                scores = attention_scores(q, keys) * self.scaling
                 weights = scores.masked_fill(~keep, float("-inf")).softmax(-1).to(values.dtype)
                 o = torch.matmul(weights, values)
             else:  # transformers' compiled decode: the cache repeated per query head
@@ -333,6 +333,11 @@ class FastDecoder:
             run.advance()
         stops = set(eos_token_ids)
         return [_through_first(run.slots[i].tokens, stops) for i in range(n)]
+
+
+def attention_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q [rows, kv heads, queries, head dim] against keys [rows, kv heads, positions, head dim], in fp32."""
+    return torch.matmul(q.float(), keys.transpose(-1, -2).float())
 
 
 def _through_first(tokens: list[int], stops: set[int]) -> list[int]:
