@@ -78,3 +78,30 @@ def test_cold_start_times_every_warmed_shape_and_passes_settings_to_its_starts(t
     assert refused.returncode == 0
     start = json.loads((tmp_path / "bad" / "cold_start.json").read_text())["families"]["sdxl"]["starts"][0]
     assert start["exit_code"] != 0 and "GENQ_COMPILE_MODE" in (tmp_path / "bad" / "cold_start.log").read_text()
+
+
+def test_the_qwen_profile_candidates_decode_what_production_decodes():
+    """bench.qwen_profile's `+` tweaks swap a function of the decode step; each must be used and change
+    only the speed: greedy tokens equal the production decoder's on a tiny model."""
+    import torch
+
+    from bench import qwen_profile
+    from pipelines.chat_options import BatchOptions
+
+    model = build_qwen("cpu", tiny=True)
+    prompt = torch.randint(100, 1000, (1, 30), generator=torch.Generator().manual_seed(0))
+
+    def decode(tweaks):
+        calls = []
+        counted = {name: (module, attr, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+                   for name, (module, attr, fn) in qwen_profile.TWEAKS.items()}
+        with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qwen_profile, "TWEAKS", counted)
+            with qwen_profile._tweaked(tweaks):
+                tokens = BatchOptions(attention="matmul").decoder(model, 4096).generate(
+                    prompt, torch.ones_like(prompt), 12)
+        return tokens, set(calls)
+
+    expected, _ = decode([])
+    everything = sorted(qwen_profile.TWEAKS)
+    assert decode(everything) == (expected, set(everything))
