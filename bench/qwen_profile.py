@@ -19,9 +19,9 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
-
 import torch.nn.functional as F
 
 import pipelines.decoder as decoder_module
@@ -77,18 +77,9 @@ TWEAKS = {"down-split": (decoder_module, "mlp", _mlp_down_split),
 def _tweaked(names: list[str]):
     with contextlib.ExitStack() as stack:
         for name in names:
-            stack.enter_context(_patched(*TWEAKS[name]))
+            stack.enter_context(mock.patch.object(*TWEAKS[name]))
         yield
 
-
-@contextlib.contextmanager
-def _patched(module, attr: str, value):
-    old = getattr(module, attr)
-    setattr(module, attr, value)
-    try:
-        yield
-    finally:
-        setattr(module, attr, old)
 
 def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -126,16 +117,16 @@ def main() -> int:
         ap.add_argument("--prompt-tokens", type=int, default=300)))
     if args is None:
         return 1
+    variants = list(filter(None, args.attention.split(",")))
+    unknown = {t for v in variants for t in v.split("+")[1:]} - TWEAKS.keys()
+    if unknown:
+        raise SystemExit(f"--attention: unknown tweak(s) {sorted(unknown)}; known: {sorted(TWEAKS)}")
     model = build_qwen("cuda", tiny=args.tiny)
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     read, bandwidth = decode_read_bytes(model), bandwidth_tb_s(torch.cuda.get_device_name()) or 4.8
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     report = {**header(), "weights_gb": round(weight_gb, 2), "modes": {}}
     path = out / "qwen_profile.json"
-    variants = list(filter(None, args.attention.split(",")))
-    unknown = {t for v in variants for t in v.split("+")[1:]} - TWEAKS.keys()
-    if unknown:
-        raise SystemExit(f"--attention: unknown tweak(s) {sorted(unknown)}; known: {sorted(TWEAKS)}")
     for variant in variants:
         spec, *tweaks = variant.split("+")
         attention, _, mode = spec.partition("@")
