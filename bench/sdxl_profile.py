@@ -1,8 +1,8 @@
-"""Where an SDXL guided denoising step (1024x1024, one image: UNet at batch 2) spends its time: kernel time by
-kind for the plain fp16 UNet and for the accelerated one (pipelines.accel.accelerate_sdxl: fused q|k|v,
+"""Where an SDXL guided denoising step (1024x1024, one image: UNet at batch 2; `--images N`: batch 2N) spends
+its time: kernel time by kind for the plain fp16 UNet and for the accelerated one (pipelines.accel.accelerate_sdxl: fused q|k|v,
 channels-last, torch.compile), against the step's FLOPs counted by torch's FlopCounterMode.
 
-    python -m bench.sdxl_profile [--tiny] [--compile-mode MODE] [--out DIR]
+    python -m bench.sdxl_profile [--tiny] [--compile-mode MODE] [--images 1] [--out DIR]
 
 Each mode: one warm-up step (the accelerated one compiles, ~2 min on an H200), three timed steps
 (synchronised, min), one step under torch.profiler. Writes OUT/sdxl_profile.json and the top kernels per
@@ -19,14 +19,15 @@ from bench.models import build_sdxl
 from bench.profiling import header, parse_args, print_report, profile_call
 
 
-def _inputs(pipe, side: int, device: str = "cuda") -> tuple:
-    """A guided step's UNet inputs: latents, timestep, text states, pooled states and time ids, batch 2."""
-    unet, g = pipe.unet, torch.Generator(device).manual_seed(0)
+def _inputs(pipe, side: int, images: int, device: str = "cuda") -> tuple:
+    """A guided step's UNet inputs for `images` images (batch 2 x images: the unconditional and the prompted
+    halves): latents, timestep, text states, pooled states and time ids."""
+    unet, g, n = pipe.unet, torch.Generator(device).manual_seed(0), 2 * images
     dtype, width = unet.dtype, unet.config.cross_attention_dim
-    latents = torch.randn(2, unet.config.in_channels, side // 8, side // 8, device=device, dtype=dtype, generator=g)
-    text = torch.randn(2, 77, width, device=device, dtype=dtype, generator=g)
-    pooled = torch.randn(2, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype, generator=g)
-    time_ids = torch.tensor([[side, side, 0, 0, side, side]] * 2, device=device, dtype=dtype)
+    latents = torch.randn(n, unet.config.in_channels, side // 8, side // 8, device=device, dtype=dtype, generator=g)
+    text = torch.randn(n, 77, width, device=device, dtype=dtype, generator=g)
+    pooled = torch.randn(n, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype, generator=g)
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]] * n, device=device, dtype=dtype)
     return latents, torch.tensor(500, device=device), text, {"text_embeds": pooled, "time_ids": time_ids}
 
 
@@ -35,19 +36,21 @@ def _step(unet, latents, t, text, added):
 
 
 def main() -> int:
-    args, out = parse_args(__doc__, "sdxl_profile", lambda ap: ap.add_argument(
-        "--compile-mode", default=None, help="torch.compile mode of the accelerated UNet (reduce-overhead: graphs)"))
+    args, out = parse_args(__doc__, "sdxl_profile", lambda ap: (
+        ap.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the accelerated UNet (reduce-overhead: graphs)"),
+        ap.add_argument("--images", type=int, default=1, help="images per step (the UNet runs at twice this)")))
     if args is None:
         return 1
     pipe = build_sdxl("cuda", tiny=args.tiny)
-    inputs = _inputs(pipe, 64 if args.tiny else 1024)
+    inputs = _inputs(pipe, 64 if args.tiny else 1024, args.images)
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode(), FlopCounterMode(display=False) as flops:
         _step(pipe.unet, *inputs)
     tflop = flops.get_total_flops() / 1e12
     by_op = {str(op): round(n / 1e12, 3) for op, n in flops.get_flop_counts()["Global"].items()}
-    report = {**header(), "tflop_per_step": round(tflop, 2), "tflop_by_op": by_op, "modes": {}}
+    report = {**header(), "images": args.images, "tflop_per_step": round(tflop, 2), "tflop_by_op": by_op, "modes": {}}
     path = out / "sdxl_profile.json"
     for mode in ("baseline", "accelerated"):
         if mode == "accelerated":
