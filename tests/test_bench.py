@@ -105,3 +105,18 @@ def test_the_qwen_profile_candidates_decode_what_production_decodes():
     expected, _ = decode([])
     everything = sorted(qwen_profile.TWEAKS)
     assert decode(everything) == (expected, set(everything))
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("triton_poi_fused_clone_convolution_native_group_norm_silu_94", "triton_pointwise"),  # not a cuDNN conv
+    ("triton_tem_fused__to_copy_add_addmm_1", "triton_template"),  # not a copy
+    ("triton_red_fused__to_copy_add_mean_mm_8", "triton_reduction"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", "conv"),
+    ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_bias_TNT", "gemm"),
+    ("Memcpy DtoD (Device -> Device)", "copy_or_fill"),
+])
+def test_profiles_file_each_kernel_under_what_it_computes(name, kind):
+    from bench.profiling import kernel_kind
+
+    assert kernel_kind(name) == kind
