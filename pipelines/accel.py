@@ -25,7 +25,7 @@ import os
 from typing import Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.settings import CompileMode
 
@@ -50,15 +50,13 @@ class AccelOptions(BaseModel):
     # for a daemon that has its card to itself.
     cudnn_benchmark: bool = Field(False, validation_alias="GENQ_CUDNN_BENCHMARK")
 
-    @field_validator("compile_mode", "cache_dir", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value):
-        return None if isinstance(value, str) and not value.strip() else value
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "AccelOptions":
         env = os.environ if environ is None else environ
-        opts = cls.model_validate({k: v.strip() for k, v in env.items() if k.startswith("GENQ_")})
+        given = {name: value.strip() for name, value in env.items() if name.startswith("GENQ_")}
+        # an empty switch is an unset one (GENQ_ACCEL= is off), but for the backend: "" = the library's
+        opts = cls.model_validate({name: value for name, value in given.items()
+                                   if value or name == "GENQ_WAN_ATTENTION"})
         # compile only on top of the eager levers: GENQ_COMPILE alone changes nothing
         return opts if opts.enabled else opts.model_copy(update={"compile": False})
 

@@ -22,6 +22,8 @@ def test_options_come_from_the_environment():
     assert AccelOptions.from_env({}) == AccelOptions()
     assert AccelOptions.from_env({"GENQ_ACCEL": "on", "GENQ_COMPILE": "1", "GENQ_COMPILE_MODE": ""}).compile_mode is None
     assert AccelOptions.from_env({"GENQ_COMPILE_MODE": " max-autotune "}).compile_mode == "max-autotune"
+    assert AccelOptions.from_env({"GENQ_ACCEL": "", "GENQ_COMPILE": " ", "GENQ_COMPILE_CACHE_DIR": ""}) == AccelOptions()
+    assert AccelOptions.from_env({"GENQ_WAN_ATTENTION": ""}).wan_attention_backend == ""  # the library's default
 
 
 @pytest.mark.parametrize("name, value", [("GENQ_ACCEL", "ture"), ("GENQ_COMPILE", "2"),
