@@ -1,16 +1,17 @@
-"""Where a one-row Qwen 2.5 7B decode step spends its time: a kernel-level profile of the chat engine's
-compiled decoder (the production `BatchOptions` defaults), against the bandwidth floor.
+"""Where a Qwen 2.5 7B decode step spends its time: a kernel-level profile of the chat engine's compiled
+decoder (the production `BatchOptions` defaults), against the bandwidth floor.
 
-    python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul@max-autotune,matmul+down-split] [--tokens 64] [--out DIR]
+    python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul@max-autotune,matmul+flex+pdl]
+                                 [--rows 1] [--tokens 64] [--out DIR]
 
 For each decode attention (GENQ_CHAT_ATTENTION), optionally `@` a torch.compile mode (GENQ_CHAT_COMPILE_MODE;
 max-autotune turns the single-row coordinate-descent tuning off, as it autotunes itself) and `+` candidate
 changes not in production yet (TWEAKS below, several joined by `+`), each measured against the same run's
-production variant before it is adopted: warm the 1-row
-shape, time a 300-token prompt + `--tokens` greedy tokens, then run the same under torch.profiler and sum
-CUDA kernel time per step by kind (matrix products, Triton reductions, Triton pointwise, attention, copies,
-other), count kernels per step, and report the step's wall time minus its kernel time (idle gaps between
-kernels) and the fraction of the card's datasheet bandwidth reached. Writes OUT/qwen_profile.json and the
+production variant before it is adopted: warm the `--rows` x 1024 shape, time `--rows` 300-token prompts
++ `--tokens` greedy tokens, then run the same under torch.profiler and sum CUDA kernel time per step by
+kind (matrix products, Triton reductions, Triton pointwise, attention, copies, other), count kernels per
+step, and report the step's wall time minus its kernel time (idle gaps between kernels) and the fraction
+of the card's datasheet bandwidth reached (weights read per step). Writes OUT/qwen_profile.json and the
 top kernels table OUT/qwen_profile_<attention>[_<mode>].txt.
 """
 from __future__ import annotations
@@ -64,28 +65,55 @@ def _scores_reduced(q, keys):
     return (q.float().unsqueeze(-2) * keys.unsqueeze(-3).float()).sum(-1)
 
 
-# name -> (module, attribute, replacement) while the variant compiles and runs. Only functions the decode
-# step reads as globals: dynamo guards on them, so a patched variant compiles its own graph. (An inductor
-# setting alone would not: dynamo reuses the first variant's graph for an equal decoder, as a first try of
-# wider coordinate descent showed, warm in 0.1 s.)
-TWEAKS = {"down-split": (decoder_module, "mlp", _mlp_down_split),
-          "qkv-mm": (decoder_module, "project_qkv", _qkv_mm),
-          "scores-red": (decoder_module, "attention_scores", _scores_reduced)}
+def _flex_attention(q, keys, values, keep, scaling):
+    """Decode attention as flex attention's decoding kernel (split over the cache length, the grouped
+    query heads of a key/value head in one block), masked by a score modification."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    rows, kv_heads, rep, dim = q.shape
+    live = keep.reshape(rows, -1)
+
+    def masked(score, row, head, query, position):
+        return torch.where(live[row, position], score, -float("inf"))
+
+    o = flex_attention(q.reshape(rows, kv_heads * rep, 1, dim), keys, values, score_mod=masked, scale=scaling,
+                       enable_gqa=True)
+    return o.reshape(rows, kv_heads, rep, dim)
+
+
+# name -> what the variant changes while it compiles and runs: (module, attribute, replacement) for a
+# function the decode step reads as a global (dynamo guards on it), or a dict of inductor settings.
+# main() resets dynamo before each variant, so every variant compiles its own graph (without the reset
+# dynamo would reuse the first variant's graph for an equal decoder: a first try of a wider coordinate
+# descent was warm in 0.1 s).
+TWEAKS = {"down-split": [(decoder_module, "mlp", _mlp_down_split)],
+          "qkv-mm": [(decoder_module, "project_qkv", _qkv_mm)],
+          "scores-red": [(decoder_module, "attention_scores", _scores_reduced)],
+          "flex": [(decoder_module, "matmul_attention", _flex_attention),
+                   (decoder_module, "packed_attention", _flex_attention)],
+          # Programmatic dependent launch: a Triton kernel starts while the one before it drains (Hopper)
+          "pdl": [{"triton.enable_pdl": True}]}
 
 
 @contextlib.contextmanager
 def _tweaked(names: list[str]):
+    import torch._inductor.config as inductor_config
+
     with contextlib.ExitStack() as stack:
         for name in names:
-            stack.enter_context(mock.patch.object(*TWEAKS[name]))
+            for change in TWEAKS[name]:
+                stack.enter_context(inductor_config.patch(change) if isinstance(change, dict)
+                                    else mock.patch.object(*change))
         yield
 
 
-def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> dict:
+def _profile(decoder, prompt: list[int], rows: int, tokens: int, out: Path, mode: str, rec: dict) -> list[int]:
+    """Times the decoder into `rec`; row 0's greedy tokens."""
     from torch.profiler import ProfilerActivity, profile
 
-    def run() -> None:
-        decoder.generate(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), tokens)
+    def run() -> list[int]:
+        return decoder.generate(torch.tensor([prompt] * rows), torch.ones(rows, len(prompt), dtype=torch.long),
+                                tokens)[0]
 
     run()  # warm (compiles the shape on first use)
     torch.cuda.synchronize()
@@ -96,25 +124,46 @@ def _profile(decoder, prompt: list[int], tokens: int, out: Path, mode: str) -> d
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        run()
+        tokens_out = run()
         torch.cuda.synchronize()
-    by_kind, count, rows = kernel_times(prof, out / f"qwen_profile_{mode}.txt")
+    by_kind, count, table = kernel_times(prof, out / f"qwen_profile_{mode}.txt")
     steps = tokens  # the prefill's kernels are in the totals too; they are small next to the decode steps
     kernel_ms = sum(by_kind.values()) / 1000
     wall = min(times)
-    return {"tokens": tokens, "wall_s_min": round(wall, 4), "tok_s": round(tokens / wall, 1),
-            "step_ms_wall": round(wall / steps * 1000, 3),
-            "step_ms_kernels": round(kernel_ms / steps, 3),
-            "step_ms_idle_between_kernels": round(wall / steps * 1000 - kernel_ms / steps, 3),
-            "kernels_per_step": round(count / steps, 1),
-            "step_ms_by_kind": {k: round(v / 1000 / steps, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"ms_total": round(us / 1000, 3), "calls": n, "name": name} for us, n, name in rows[:12]]}
+    rec.update({"rows": rows, "tokens": tokens, "wall_s_min": round(wall, 4), "tok_s": round(rows * tokens / wall, 1),
+                "step_ms_wall": round(wall / steps * 1000, 3),
+                "step_ms_kernels": round(kernel_ms / steps, 3),
+                "step_ms_idle_between_kernels": round(wall / steps * 1000 - kernel_ms / steps, 3),
+                "kernels_per_step": round(count / steps, 1),
+                "step_ms_by_kind": {k: round(v / 1000 / steps, 3)
+                                    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                "top_kernels": [{"ms_total": round(us / 1000, 3), "calls": n, "name": name}
+                                for us, n, name in table[:12]]})
+    return tokens_out
+
+
+def _variant(model, variant: str, prompt: list[int], args, out: Path, label: str) -> tuple[dict, list[int]]:
+    spec, *tweaks = variant.split("+")
+    attention, _, mode = spec.partition("@")
+    # otherwise the production defaults; max-autotune does its own tuning
+    compiling = {"compile_mode": mode, "tune_single_row": not mode.startswith("max-")} if mode else {}
+    decoder = BatchOptions(attention=attention, **compiling).decoder(model, 4096)
+    t0 = time.perf_counter()
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode(), _tweaked(tweaks):  # the patched functions are traced inside
+            decoder.warm(args.rows, 1024)
+            rec = {"warm_s": round(time.perf_counter() - t0, 1)}
+            tokens = _profile(decoder, prompt, args.rows, args.tokens, out, label, rec)
+    finally:
+        decoder.release_memory()
+    return rec, tokens
 
 
 def main() -> int:
     args, out = parse_args(__doc__, "qwen_profile", lambda ap: (
         ap.add_argument("--attention", default="packed,matmul"), ap.add_argument("--tokens", type=int, default=64),
-        ap.add_argument("--prompt-tokens", type=int, default=300)))
+        ap.add_argument("--prompt-tokens", type=int, default=300), ap.add_argument("--rows", type=int, default=1)))
     if args is None:
         return 1
     variants = list(filter(None, args.attention.split(",")))
@@ -127,26 +176,27 @@ def main() -> int:
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     report = {**header(), "weights_gb": round(weight_gb, 2), "modes": {}}
     path = out / "qwen_profile.json"
+    first_tokens = None
     for variant in variants:
-        spec, *tweaks = variant.split("+")
-        attention, _, mode = spec.partition("@")
-        # otherwise the production defaults; max-autotune does its own tuning
-        compiling = {"compile_mode": mode, "tune_single_row": not mode.startswith("max-")} if mode else {}
-        decoder = BatchOptions(attention=attention, **compiling).decoder(model, 4096)
         label = variant.replace("@", "_").replace("+", "_")
-        t0 = time.perf_counter()
-        with torch.inference_mode(), _tweaked(tweaks):  # the patched functions are traced inside
-            decoder.warm(1, 1024)
-            rec = {"warm_s": round(time.perf_counter() - t0, 1)}
-            rec.update(_profile(decoder, prompt, args.tokens, out, label))
+        try:
+            rec, tokens = _variant(model, variant, prompt, args, out, label)
+        except Exception as exc:  # a candidate that does not compile on this torch is a result too
+            report["modes"][label] = {"error": repr(exc)[:2000]}
+            print(label, "failed:", repr(exc)[:2000], flush=True)
+            continue
+        first_tokens = tokens if first_tokens is None else first_tokens
+        # greedy tokens of row 0 agreeing with the first variant's, up to the first difference
+        rec["tokens_agreeing_with_first_variant"] = next(
+            (i for i, (a, b) in enumerate(zip(tokens, first_tokens)) if a != b), len(tokens))
         achieved = read / (rec["step_ms_wall"] / 1000) / 1e12
         rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), card_bandwidth_tb_s=bandwidth,
                    bandwidth_floor_ms=round(read / (bandwidth * 1e12) * 1000, 3),
                    achieved_tb_s=round(achieved, 2), bandwidth_fraction=round(achieved / bandwidth, 3))
         report["modes"][label] = rec
-        decoder.release_memory()
         path.write_text(json.dumps(report, indent=1))
         print(label, json.dumps(rec)[:1200], flush=True)
+    path.write_text(json.dumps(report, indent=1))
     return 0
 
 

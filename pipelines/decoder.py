@@ -267,21 +267,10 @@ class FastDecoder:
             keys, values = kv[2 * i], kv[2 * i + 1]
             keys.index_copy_(2, column, k)
             values.index_copy_(2, column, v)
-            if mode == "packed":
+            if mode in ("packed", "matmul"):
                 # Query heads sharing a key/value head become that head's query rows: no repeated cache.
                 q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=self.scaling)
-            elif mode == "matmul":
-                # The same packing as plain matrix products: the fused attention kernels are built for long
-                # query blocks and run one thread block per head here (one row on an H200: 0.70 ms of a
-                # 5.2 ms step against 0.2 ms for the products, bench/qwen_profile.py). "auto" uses it for
-                # one row only; batches keep the fused kernel, which has a block per row and head.
-                q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
-                # Scores in fp32, as the fused kernels keep them: bf16 scores flipped more near-tied greedy
-                # picks on the GPU (214 of 256 steps agreeing with the uncached forward, against 223-229).
-                scores = attention_scores(q, keys) * self.scaling
-                weights = scores.masked_fill(~keep, float("-inf")).softmax(-1).to(values.dtype)
-                o = torch.matmul(weights, values)
+                o = (packed_attention if mode == "packed" else matmul_attention)(q, keys, values, keep, self.scaling)
             else:  # transformers' compiled decode: the cache repeated per query head
                 o = F.scaled_dot_product_attention(q, _repeat_kv(keys, self.n_rep), _repeat_kv(values, self.n_rep),
                                                    attn_mask=keep, scale=self.scaling)
@@ -333,6 +322,26 @@ class FastDecoder:
             run.advance()
         stops = set(eos_token_ids)
         return [_through_first(run.slots[i].tokens, stops) for i in range(n)]
+
+
+def packed_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """Decode attention as one fused kernel (SDPA), same arguments and result as `matmul_attention`."""
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=scaling)
+
+
+def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+                     scaling: float) -> torch.Tensor:
+    """Decode attention as matrix products: q [rows, kv heads, queries, head dim] over the cache where
+    `keep` [rows, 1, 1, positions] is true; [rows, kv heads, queries, head dim]. The fused kernels are
+    built for long query blocks and run one thread block per head for one row (on an H200 0.70 ms of a
+    5.2 ms step against 0.2 ms for the products, bench/qwen_profile.py): "auto" uses this for one row
+    only; batches keep the fused kernel, which has a block per row and head."""
+    # Scores in fp32, as the fused kernels keep them: bf16 scores flipped more near-tied greedy
+    # picks on the GPU (214 of 256 steps agreeing with the uncached forward, against 223-229).
+    scores = attention_scores(q, keys) * scaling
+    weights = scores.masked_fill(~keep, float("-inf")).softmax(-1).to(values.dtype)
+    return torch.matmul(weights, values)
 
 
 def attention_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

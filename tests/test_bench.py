@@ -91,20 +91,33 @@ def test_the_qwen_profile_candidates_decode_what_production_decodes():
     model = build_qwen("cpu", tiny=True)
     prompt = torch.randint(100, 1000, (1, 30), generator=torch.Generator().manual_seed(0))
 
-    def decode(tweaks):
+    def counted(name, change, calls):
+        if isinstance(change, dict):  # inductor settings: nothing to count on a CPU
+            return change
+        module, attr, fn = change
+        return module, attr, lambda *a: calls.append(name) or fn(*a)
+
+    def decode(tweaks, attention, rows):
         calls = []
-        counted = {name: (module, attr, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
-                   for name, (module, attr, fn) in qwen_profile.TWEAKS.items()}
+        wrapped = {name: [counted(name, change, calls) for change in changes]
+                   for name, changes in qwen_profile.TWEAKS.items()}
         with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
-            mp.setattr(qwen_profile, "TWEAKS", counted)
+            mp.setattr(qwen_profile, "TWEAKS", wrapped)
             with qwen_profile._tweaked(tweaks):
-                tokens = BatchOptions(attention="matmul").decoder(model, 4096).generate(
-                    prompt, torch.ones_like(prompt), 12)
+                tokens = BatchOptions(attention=attention).decoder(model, 4096).generate(
+                    prompt.expand(rows, -1), torch.ones(rows, prompt.shape[1], dtype=torch.long), 12)
         return tokens, set(calls)
 
-    expected, _ = decode([])
-    everything = sorted(qwen_profile.TWEAKS)
-    assert decode(everything) == (expected, set(everything))
+    functions = sorted(name for name, changes in qwen_profile.TWEAKS.items()
+                       if not all(isinstance(change, dict) for change in changes))
+    # flex replaces the whole attention, scores-red a part of matmul's: they are checked apart. flex
+    # rounds as the products do (bf16 weights times bf16 values), not as the fused SDPA kernel does.
+    for attention, rows in (("matmul", 1), ("packed", 3)):
+        expected, _ = decode([], attention, rows)
+        others = sorted(set(qwen_profile.TWEAKS) - {"flex"})
+        used = set(functions) - {"flex"} - ({"scores-red"} if attention == "packed" else set())
+        assert decode(others, attention, rows) == (expected, used)
+        assert decode(["flex"], attention, rows) == (decode([], "matmul", rows)[0], {"flex"})
 
 
 @pytest.mark.parametrize("name, kind", [
