@@ -142,6 +142,25 @@ def _profile(decoder, prompt: list[int], rows: int, tokens: int, out: Path, mode
     return tokens_out
 
 
+def _attention_error(decoder, attention: str, rows: int, length: int = 1024, live: int = 364) -> float:
+    """Rel. L2 of the variant's decode attention against an fp32 computation, on random bf16 inputs of
+    the profiled shape (every other row left-padded by 100 columns); read through the decoder module, so
+    a `+` candidate's replacement is what is measured."""
+    mode = attention if attention != "auto" else ("matmul" if rows == 1 else "packed")
+    dev = decoder.device
+    g = torch.Generator(dev).manual_seed(0)
+    shape = (rows, decoder.kv_heads, length, decoder.head_dim)
+    q = torch.randn(rows, decoder.kv_heads, decoder.n_rep, decoder.head_dim, device=dev, generator=g)
+    keys, values = torch.randn(shape, device=dev, generator=g), torch.randn(shape, device=dev, generator=g)
+    cols = torch.arange(length, device=dev)
+    start = (torch.arange(rows, device=dev) % 2 * 100)[:, None]
+    keep = ((cols >= start) & (cols < live))[:, None, None, :]
+    bf = [t.to(torch.bfloat16) for t in (q, keys, values)]
+    exact = decoder_module.matmul_attention(*(t.float() for t in bf), keep, decoder.scaling)
+    got = getattr(decoder_module, f"{mode}_attention")(*bf, keep, decoder.scaling).float()
+    return float((got - exact).norm() / exact.norm())
+
+
 def _variant(model, variant: str, prompt: list[int], args, out: Path, label: str) -> tuple[dict, list[int]]:
     spec, *tweaks = variant.split("+")
     attention, _, mode = spec.partition("@")
@@ -155,6 +174,8 @@ def _variant(model, variant: str, prompt: list[int], args, out: Path, label: str
             decoder.warm(args.rows, 1024)
             rec = {"warm_s": round(time.perf_counter() - t0, 1)}
             tokens = _profile(decoder, prompt, args.rows, args.tokens, out, label, rec)
+            if attention in ("auto", "packed", "matmul", "split"):
+                rec["attention_rel_l2_vs_fp32"] = round(_attention_error(decoder, attention, args.rows), 6)
     finally:
         decoder.release_memory()
     return rec, tokens

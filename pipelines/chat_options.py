@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Decode attention (pipelines/decoder.py): "packed" fused SDPA on the key/value heads, "matmul" the same
-# as matrix products, "auto" matmul for one row and packed for more, "repeat" the cache repeated per
-# query head as transformers does. Here, not in decoder.py, so that settings parse without torch.
-AttentionMode = Literal["auto", "packed", "matmul", "repeat"]
+# as matrix products, "split" the same split over the cache length (Triton kernels on CUDA,
+# pipelines/split_kv_attention.py), "auto" matmul for one row and packed for more, "repeat" the cache
+# repeated per query head as transformers does. Here, not in decoder.py, so that settings parse without torch.
+AttentionMode = Literal["auto", "packed", "matmul", "split", "repeat"]
 ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
 # Switches that also take "auto" (or nothing): their default, which for the first two depends on the device
 _AUTO = {"GENQ_CHAT_BATCH", "GENQ_CHAT_COMPILE", "GENQ_CHAT_TUNE_SINGLE_ROW", "GENQ_CHAT_WARMUP"}

@@ -132,6 +132,11 @@ class FastDecoder:
         self.compiled = bool(compile) and param.device.type == "cuda"
         self.compile_mode, self.tune_single_row = compile_mode, tune_single_row
         self.attention = attention
+        if attention == "split" and torch.cuda.is_available():  # the weights may move to the GPU later
+            from . import split_kv_attention  # registers torch.ops.genq.split_kv_attention
+
+            if not split_kv_attention.supported(self.head_dim, self.n_rep):
+                raise ValueError(f"attention 'split' needs a power-of-two head size (this model's: {self.head_dim})")
         self._pool_owner: FastDecoder | None = None
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._ready: set[tuple[int, int]] = set()
@@ -267,10 +272,11 @@ class FastDecoder:
             keys, values = kv[2 * i], kv[2 * i + 1]
             keys.index_copy_(2, column, k)
             values.index_copy_(2, column, v)
-            if mode in ("packed", "matmul"):
+            if mode in ("packed", "matmul", "split"):
                 # Query heads sharing a key/value head become that head's query rows: no repeated cache.
                 q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
-                o = (packed_attention if mode == "packed" else matmul_attention)(q, keys, values, keep, self.scaling)
+                attend = {"packed": packed_attention, "matmul": matmul_attention, "split": split_attention}[mode]
+                o = attend(q, keys, values, keep, self.scaling)
             else:  # transformers' compiled decode: the cache repeated per query head
                 o = F.scaled_dot_product_attention(q, _repeat_kv(keys, self.n_rep), _repeat_kv(values, self.n_rep),
                                                    attn_mask=keep, scale=self.scaling)
@@ -328,6 +334,15 @@ def packed_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      scaling: float) -> torch.Tensor:
     """Decode attention as one fused kernel (SDPA), same arguments and result as `matmul_attention`."""
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=scaling)
+
+
+def split_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+                    scaling: float) -> torch.Tensor:
+    """Decode attention split over the cache length (pipelines/split_kv_attention.py's Triton kernels,
+    registered by FastDecoder on CUDA); elsewhere the same computation as `matmul_attention`."""
+    if q.is_cuda:
+        return torch.ops.genq.split_kv_attention(q, keys, values, keep, scaling)
+    return matmul_attention(q, keys, values, keep, scaling)
 
 
 def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,

@@ -1,0 +1,136 @@
+"""Decode attention split over the cache length ("flash-decoding"): two Triton kernels for the chat
+engine's decode step (pipelines/decoder.py, GENQ_CHAT_ATTENTION=split; "auto" picks it on CUDA).
+
+A decode step has one query per row. The fused SDPA kernels give each (row, key/value head) one thread
+block that walks the whole cache: 16 rows x 4 heads keep 64 of an H100's 132 SMs busy, one row 4, and
+each block reads its slice at one SM's share of the bandwidth (16 rows x 1024 columns: 26 us a layer for
+0.9 GB a step, bench/qwen_profile.py). Here each (row, key/value head) gets `splits` blocks, each over a
+slice of the cache, with the grouped query heads of that key/value head together so the cache is read
+once; a second kernel merges the slices. Scores and softmax in fp32, as the fused kernels keep them; the
+weights meet the values in the cache's dtype, as there.
+
+Importing this module needs Triton (it comes with CUDA builds of torch); decoder.py imports it only on
+CUDA. The tests run the kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+BLOCK_N = 64  # cache columns per inner step
+_SMS: dict[torch.device, int] = {}
+
+
+def supported(head_dim: int, rep: int) -> bool:
+    """Shapes the kernels take: a power-of-two head size (tl.arange), at most 128 grouped query heads."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 0 < rep <= 128
+
+
+@triton.jit
+def _partial_kernel(Q, K, V, Keep, Acc, Max, Sum, scale, N,
+                    sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
+                    KV: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr,
+                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+    """One (row, key/value head) x one slice of CHUNK columns: the slice's running max, sum of exp and
+    exp-weighted sum of values for each grouped query head (online softmax, as flash attention)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // KV
+    h = bh % KV
+    r = tl.arange(0, REP_PAD)
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + h * sq_h + r[:, None] * sq_r + d[None, :], mask=r[:, None] < REP, other=0.0)
+    m_i = tl.full([REP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([REP_PAD], tl.float32)
+    acc = tl.zeros([REP_PAD, D], tl.float32)
+    for offset in range(0, CHUNK, BLOCK):
+        n = split * CHUNK + offset + tl.arange(0, BLOCK)
+        inside = n < N
+        k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=inside[:, None], other=0.0)
+        live = tl.load(Keep + b * sm_b + n, mask=inside, other=0) != 0
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: exp(-inf) = 0, not NaN
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=inside[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    base = (bh * SPLITS + split) * REP_PAD
+    tl.store(Acc + (base + r[:, None]) * D + d[None, :], acc)
+    tl.store(Max + base + r, m_i)
+    tl.store(Sum + base + r, l_i)
+
+
+@triton.jit
+def _combine_kernel(Acc, Max, Sum, Out, so_b, so_h, so_r,
+                    KV: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr,
+                    SPLITS: tl.constexpr):
+    """Merges one (row, key/value head)'s slices: each rescaled to the overall max, divided by the total."""
+    bh = tl.program_id(0)
+    b = bh // KV
+    h = bh % KV
+    r = tl.arange(0, REP_PAD)
+    d = tl.arange(0, D)
+    m = tl.full([REP_PAD], float("-inf"), tl.float32)
+    for split in range(SPLITS):
+        m = tl.maximum(m, tl.load(Max + (bh * SPLITS + split) * REP_PAD + r))
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([REP_PAD], tl.float32)
+    acc = tl.zeros([REP_PAD, D], tl.float32)
+    for split in range(SPLITS):
+        base = (bh * SPLITS + split) * REP_PAD
+        w = tl.exp(tl.load(Max + base + r) - m_ref)
+        total += w * tl.load(Sum + base + r)
+        acc += w[:, None] * tl.load(Acc + (base + r[:, None]) * D + d[None, :])
+    out = acc / total[:, None]
+    tl.store(Out + b * so_b + h * so_h + r[:, None] * so_r + d[None, :], out.to(Out.dtype.element_ty),
+             mask=r[:, None] < REP)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return _SMS[device]
+
+
+def plan(rows_heads: int, length: int, sms: int) -> tuple[int, int]:
+    """(splits, columns per split): about two blocks per SM in all, each slice a whole number of inner
+    steps, no empty slice."""
+    steps = triton.cdiv(length, BLOCK_N)
+    splits = max(1, min(steps, triton.cdiv(2 * sms, rows_heads)))
+    chunk = triton.cdiv(steps, splits) * BLOCK_N
+    return triton.cdiv(length, chunk), chunk
+
+
+@triton_op("genq::split_kv_attention", mutates_args=())
+def split_kv_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """q [rows, kv heads, grouped heads, head dim] over keys/values [rows, kv heads, columns, head dim]
+    where `keep` [rows, 1, 1, columns] is true; returns [rows, kv heads, grouped heads, head dim]."""
+    rows, kv_heads, rep, dim = q.shape
+    length = keys.shape[2]
+    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        q, keys, values = q.contiguous(), keys.contiguous(), values.contiguous()
+    live = keep.reshape(rows, length)
+    rep_pad = max(16, triton.next_power_of_2(rep))
+    splits, chunk = plan(rows * kv_heads, length, _multiprocessors(q.device))
+    parts = rows * kv_heads * splits * rep_pad
+    acc = torch.empty((parts, dim), dtype=torch.float32, device=q.device)
+    maxes = torch.empty(parts, dtype=torch.float32, device=q.device)
+    sums = torch.empty(parts, dtype=torch.float32, device=q.device)
+    out = torch.empty((rows, kv_heads, rep, dim), dtype=q.dtype, device=q.device)
+    wrap_triton(_partial_kernel)[(rows * kv_heads, splits)](
+        q, keys, values, live, acc, maxes, sums, scaling, length,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), live.stride(0),
+        KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, CHUNK=chunk, BLOCK=BLOCK_N, SPLITS=splits,
+        num_warps=4, num_stages=2)
+    wrap_triton(_combine_kernel)[(rows * kv_heads,)](
+        acc, maxes, sums, out, out.stride(0), out.stride(1), out.stride(2),
+        KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, SPLITS=splits, num_warps=4)
+    return out

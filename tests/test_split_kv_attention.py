@@ -1,0 +1,78 @@
+"""The split-KV decode attention kernels (pipelines/split_kv_attention.py) against the matrix-product
+attention, run on this CPU through Triton's interpreter. The interpreter must be on before Triton
+compiles anything, so the kernels run in a child process; it computes bf16 as integers, so the dtypes
+here are fp32 and fp16 (bf16 is checked on the GPU: bench.qwen_profile's attention_rel_l2_vs_fp32)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, sys, torch
+from pipelines.decoder import matmul_attention
+from pipelines.split_kv_attention import BLOCK_N, plan, split_kv_attention
+
+cases = json.loads(sys.argv[1])
+out = []
+for rows, kv, rep, dim, length, pads, live, dtype in cases:
+    g = torch.Generator().manual_seed(rows * 1000 + length)
+    dt = getattr(torch, dtype)
+    q = torch.randn(rows, kv, rep, dim, generator=g).to(dt)
+    keys = torch.randn(rows, kv, length, dim, generator=g).to(dt)
+    values = torch.randn(rows, kv, length, dim, generator=g).to(dt)
+    cols = torch.arange(length)
+    keep = ((cols >= torch.tensor(pads)[:, None]) & (cols < live))[:, None, None, :]
+    exact = matmul_attention(q.double(), keys.double(), values.double(), keep, 0.125)
+    got = torch.ops.genq.split_kv_attention(q, keys, values, keep, 0.125)
+    err = ((got.double() - exact).norm() / exact.norm()).item()
+    out.append({"splits": plan(rows * kv, length, 132)[0], "rel_l2": err, "shape": list(got.shape),
+                "dtype": str(got.dtype).removeprefix("torch."), "finite": bool(torch.isfinite(got).all())})
+print(json.dumps(out))
+"""
+
+
+def _run(cases: list) -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_split_kernels_compute_the_masked_softmax_attention_of_each_row():
+    cases = [
+        # Qwen 2.5 7B's heads (4 key/value heads, 7 grouped query heads padded to 16), one row, a cache
+        # length that is no multiple of the 64-column step, the live part ending mid-step
+        [1, 4, 7, 128, 300, [0], 290, "float32"],
+        # several rows, every other one left-padded past the first slice (a slice with nothing live)
+        [4, 2, 3, 32, 512, [0, 200, 0, 130], 470, "float32"],
+        [3, 2, 7, 64, 200, [0, 70, 5], 200, "float16"],
+        # so many rows that every (row, head) gets one slice: the merge of a single slice
+        [80, 4, 2, 16, 64, [0] * 80, 40, "float32"],
+    ]
+    results = _run(cases)
+    for case, res in zip(cases, results):
+        rows, kv, rep, dim, length, _, _, dtype = case
+        assert res["shape"] == [rows, kv, rep, dim] and res["dtype"] == dtype and res["finite"], (case, res)
+        assert res["rel_l2"] < (1e-5 if dtype == "float32" else 2e-3), (case, res)
+    assert [r["splits"] for r in results] == [5, 8, 4, 1]  # the cases do cover split and unsplit caches
+
+
+def test_the_plan_spreads_blocks_over_the_card_without_empty_slices():
+    from pipelines.split_kv_attention import BLOCK_N, plan
+
+    for rows_heads, length in [(4, 2048), (64, 1024), (64, 4096), (4, 100), (1, 64), (512, 4096), (7, 1000)]:
+        splits, chunk = plan(rows_heads, length, 132)
+        assert chunk % BLOCK_N == 0 and splits * chunk >= length > (splits - 1) * chunk
+        assert rows_heads * splits <= max(2 * 132 + rows_heads, rows_heads)  # about two blocks an SM
+    assert plan(4, 2048, 132) == (32, 64)  # one row of Qwen 7B: every step of the cache its own block
+    assert plan(64, 1024, 132) == (4, 256)  # 16 rows
