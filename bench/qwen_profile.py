@@ -203,8 +203,8 @@ def main() -> int:
         try:
             rec, tokens = _variant(model, variant, prompt, args, out, label)
         except Exception as exc:  # a candidate that does not compile on this torch is a result too
-            report["modes"][label] = {"error": repr(exc)[:2000]}
-            print(label, "failed:", repr(exc)[:2000], flush=True)
+            report["modes"][label] = {"error": repr(exc)[-3000:]}  # the message is at the end
+            print(label, "failed:", repr(exc)[-3000:], flush=True)
             continue
         first_tokens = tokens if first_tokens is None else first_tokens
         # greedy tokens of row 0 agreeing with the first variant's, up to the first difference

@@ -132,11 +132,9 @@ class FastDecoder:
         self.compiled = bool(compile) and param.device.type == "cuda"
         self.compile_mode, self.tune_single_row = compile_mode, tune_single_row
         self.attention = attention
-        if attention == "split" and torch.cuda.is_available():  # the weights may move to the GPU later
-            from . import split_kv_attention  # registers torch.ops.genq.split_kv_attention
-
-            if not split_kv_attention.supported(self.head_dim, self.n_rep):
-                raise ValueError(f"attention 'split' needs a power-of-two head size (this model's: {self.head_dim})")
+        # What "auto" runs for batches of several rows on CUDA: the split kernels where they take this
+        # model's heads (+4-5% tok/s at 16 rows than cuDNN's fused kernel, docs/PERFORMANCE.md).
+        self._batch_attention = "split" if self._split_kernels(required=attention == "split") else "packed"
         self._pool_owner: FastDecoder | None = None
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._ready: set[tuple[int, int]] = set()
@@ -147,6 +145,22 @@ class FastDecoder:
         if self.compiled:
             raise_recompile_limit(64)  # one compiled graph per (batch, length) shape
             self._step = torch.compile(self._decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
+
+    def _split_kernels(self, required: bool) -> bool:
+        """Registers torch.ops.genq.split_kv_attention where CUDA is (the weights may move there later)."""
+        if not torch.cuda.is_available():
+            return False
+        try:
+            from . import split_kv_attention
+        except ImportError:  # no Triton: CUDA builds of torch bring it
+            if required:
+                raise
+            return False
+        if split_kv_attention.supported(self.head_dim, self.n_rep):
+            return True
+        if required:
+            raise ValueError(f"attention 'split' needs a power-of-two head size (this model's: {self.head_dim})")
+        return False
 
     # --- shapes -------------------------------------------------------------------------------
 
@@ -265,7 +279,7 @@ class FastDecoder:
         x = self.inner.embed_tokens(tokens[:, None])
         cos, sin = self.inner.rotary_emb(x, positions[:, None])
         keep = mask[:, None, None, :]
-        mode = self.attention if self.attention != "auto" else ("matmul" if b == 1 else "packed")  # per shape
+        mode = self.attention if self.attention != "auto" else ("matmul" if b == 1 else self._batch_attention)
         for i, (layer, f) in enumerate(zip(self.layers, fused)):
             attn = layer.self_attn
             q, k, v = self._qkv(layer, x, f, cos, sin)

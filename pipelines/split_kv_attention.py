@@ -34,7 +34,8 @@ def _partial_kernel(Q, K, V, Keep, Acc, Max, Sum, scale, N,
                     KV: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr,
                     CHUNK: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
     """One (row, key/value head) x one slice of CHUNK columns: the slice's running max, sum of exp and
-    exp-weighted sum of values for each grouped query head (online softmax, as flash attention)."""
+    exp-weighted sum of values for each grouped query head (online softmax, as flash attention). Steps
+    with no live column are not read: a batch's cache is longer than what its rows hold."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // KV
@@ -48,18 +49,19 @@ def _partial_kernel(Q, K, V, Keep, Acc, Max, Sum, scale, N,
     for offset in range(0, CHUNK, BLOCK):
         n = split * CHUNK + offset + tl.arange(0, BLOCK)
         inside = n < N
-        k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=inside[:, None], other=0.0)
         live = tl.load(Keep + b * sm_b + n, mask=inside, other=0) != 0
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: exp(-inf) = 0, not NaN
-        alpha = tl.exp(m_i - m_ref)
-        p = tl.exp(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=inside[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        if tl.max(live.to(tl.int32), 0) > 0:
+            k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=inside[:, None], other=0.0)
+            s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # inductor passes a Python float as fp64
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing live yet: exp(-inf) = 0, not NaN
+            alpha = tl.exp(m_i - m_ref)
+            p = tl.exp(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
     base = (bh * SPLITS + split) * REP_PAD
     tl.store(Acc + (base + r[:, None]) * D + d[None, :], acc)
     tl.store(Max + base + r, m_i)
@@ -69,27 +71,29 @@ def _partial_kernel(Q, K, V, Keep, Acc, Max, Sum, scale, N,
 @triton.jit
 def _combine_kernel(Acc, Max, Sum, Out, so_b, so_h, so_r,
                     KV: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr,
-                    SPLITS: tl.constexpr):
-    """Merges one (row, key/value head)'s slices: each rescaled to the overall max, divided by the total."""
-    bh = tl.program_id(0)
+                    SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, SB: tl.constexpr):
+    """One query head of one row: its slices rescaled to the overall max and divided by the total; the
+    values of slices with nothing live are not read."""
+    pid = tl.program_id(0)
+    bh = pid // REP
+    r = pid % REP
     b = bh // KV
     h = bh % KV
-    r = tl.arange(0, REP_PAD)
     d = tl.arange(0, D)
-    m = tl.full([REP_PAD], float("-inf"), tl.float32)
-    for split in range(SPLITS):
-        m = tl.maximum(m, tl.load(Max + (bh * SPLITS + split) * REP_PAD + r))
+    sp = tl.arange(0, SPLITS_PAD)
+    maxes = tl.load(Max + (bh * SPLITS + sp) * REP_PAD + r, mask=sp < SPLITS, other=float("-inf"))
+    m = tl.max(maxes, 0)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros([REP_PAD], tl.float32)
-    acc = tl.zeros([REP_PAD, D], tl.float32)
-    for split in range(SPLITS):
-        base = (bh * SPLITS + split) * REP_PAD
-        w = tl.exp(tl.load(Max + base + r) - m_ref)
-        total += w * tl.load(Sum + base + r)
-        acc += w[:, None] * tl.load(Acc + (base + r[:, None]) * D + d[None, :])
-    out = acc / total[:, None]
-    tl.store(Out + b * so_b + h * so_h + r[:, None] * so_r + d[None, :], out.to(Out.dtype.element_ty),
-             mask=r[:, None] < REP)
+    total = tl.sum(tl.exp(maxes - m_ref) * tl.load(Sum + (bh * SPLITS + sp) * REP_PAD + r, mask=sp < SPLITS,
+                                                    other=0.0), 0)
+    acc = tl.zeros([D], tl.float32)
+    for start in range(0, SPLITS_PAD, SB):
+        sb = start + tl.arange(0, SB)
+        rows = (bh * SPLITS + sb) * REP_PAD + r
+        w = tl.exp(tl.load(Max + rows, mask=sb < SPLITS, other=float("-inf")) - m_ref)
+        part = tl.load(Acc + rows[:, None] * D + d[None, :], mask=(w > 0)[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+    tl.store(Out + b * so_b + h * so_h + r * so_r + d, (acc / total).to(Out.dtype.element_ty))
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -99,10 +103,10 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def plan(rows_heads: int, length: int, sms: int) -> tuple[int, int]:
-    """(splits, columns per split): about two blocks per SM in all, each slice a whole number of inner
-    steps, no empty slice."""
+    """(splits, columns per split): about eight blocks per SM in all (most skip the columns nothing
+    lives in), each slice a whole number of inner steps, no slice past the cache."""
     steps = triton.cdiv(length, BLOCK_N)
-    splits = max(1, min(steps, triton.cdiv(2 * sms, rows_heads)))
+    splits = max(1, min(steps, triton.cdiv(8 * sms, rows_heads)))
     chunk = triton.cdiv(steps, splits) * BLOCK_N
     return triton.cdiv(length, chunk), chunk
 
@@ -130,7 +134,9 @@ def split_kv_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
         values.stride(0), values.stride(1), values.stride(2), live.stride(0),
         KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, CHUNK=chunk, BLOCK=BLOCK_N, SPLITS=splits,
         num_warps=4, num_stages=2)
-    wrap_triton(_combine_kernel)[(rows * kv_heads,)](
+    splits_pad = triton.next_power_of_2(splits)
+    wrap_triton(_combine_kernel)[(rows * kv_heads * rep,)](
         acc, maxes, sums, out, out.stride(0), out.stride(1), out.stride(2),
-        KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, SPLITS=splits, num_warps=4)
+        KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, SPLITS=splits, SPLITS_PAD=splits_pad,
+        SB=min(16, splits_pad), num_warps=4)
     return out

@@ -56,15 +56,15 @@ def test_split_kernels_compute_the_masked_softmax_attention_of_each_row():
         # several rows, every other one left-padded past the first slice (a slice with nothing live)
         [4, 2, 3, 32, 512, [0, 200, 0, 130], 470, "float32"],
         [3, 2, 7, 64, 200, [0, 70, 5], 200, "float16"],
-        # so many rows that every (row, head) gets one slice: the merge of a single slice
-        [80, 4, 2, 16, 64, [0] * 80, 40, "float32"],
+        # a cache of one inner step: the merge of a single slice
+        [3, 4, 2, 16, 64, [0, 10, 0], 40, "float32"],
     ]
     results = _run(cases)
     for case, res in zip(cases, results):
         rows, kv, rep, dim, length, _, _, dtype = case
         assert res["shape"] == [rows, kv, rep, dim] and res["dtype"] == dtype and res["finite"], (case, res)
         assert res["rel_l2"] < (1e-5 if dtype == "float32" else 2e-3), (case, res)
-    assert [r["splits"] for r in results] == [5, 8, 4, 1]  # the cases do cover split and unsplit caches
+    assert [r["splits"] for r in results] == [5, 8, 4, 1]  # the cases do cover one and several slices
 
 
 def test_the_plan_spreads_blocks_over_the_card_without_empty_slices():
@@ -73,6 +73,35 @@ def test_the_plan_spreads_blocks_over_the_card_without_empty_slices():
     for rows_heads, length in [(4, 2048), (64, 1024), (64, 4096), (4, 100), (1, 64), (512, 4096), (7, 1000)]:
         splits, chunk = plan(rows_heads, length, 132)
         assert chunk % BLOCK_N == 0 and splits * chunk >= length > (splits - 1) * chunk
-        assert rows_heads * splits <= max(2 * 132 + rows_heads, rows_heads)  # about two blocks an SM
+        assert rows_heads * splits <= 8 * 132 + rows_heads  # about eight blocks an SM
     assert plan(4, 2048, 132) == (32, 64)  # one row of Qwen 7B: every step of the cache its own block
-    assert plan(64, 1024, 132) == (4, 256)  # 16 rows
+    assert plan(64, 1024, 132) == (16, 64)  # 16 rows
+    assert plan(64, 4096, 132) == (16, 256)
+    assert plan(2000, 1024, 132) == (1, 1024)
+
+
+def test_auto_decodes_batches_with_the_split_kernels_where_cuda_is(monkeypatch):
+    """GENQ_CHAT_ATTENTION=auto: one row as matrix products, batches through split_attention once CUDA
+    is there (on a CPU tensor that computes what the products do, so the tokens must match them)."""
+    import torch
+
+    import pipelines.decoder as decoder_module
+    from bench.models import build_qwen
+    from pipelines.chat_options import BatchOptions
+
+    model = build_qwen("cpu", tiny=True)
+    prompt = torch.randint(100, 1000, (1, 30), generator=torch.Generator().manual_seed(0)).expand(3, -1)
+    mask = torch.ones_like(prompt)
+
+    def decode(attention, rows):
+        with torch.inference_mode():
+            return BatchOptions(attention=attention).decoder(model, 4096).generate(prompt[:rows], mask[:rows], 10)
+
+    expected = {rows: decode("matmul", rows) for rows in (1, 3)}
+    calls = []
+    split = decoder_module.split_attention
+    monkeypatch.setattr(decoder_module, "split_attention", lambda *a: calls.append(a[0].shape[0]) or split(*a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert decode("auto", 1) == expected[1] and calls == []
+    assert decode("auto", 3) == expected[3] and set(calls) == {4}  # 3 rows run in the 4-row bucket
+    assert torch.ops.genq.split_kv_attention.default is not None  # registered on the way
