@@ -14,49 +14,17 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 from bench import splitk
-from bench.harness import Report, parse_args
+from bench.harness import Report, graph_time, parse_args
 
 # name, out_features, in_features, bias (Qwen 2.5 7B: hidden 3584, MLP 18944, 28 + 2 x 4 heads of 128)
 SHAPES = [("qkv", 4608, 3584, True), ("o", 3584, 3584, False), ("down", 3584, 18944, False),
           ("gate_up", 37888, 3584, False), ("lm_head", 152064, 3584, False)]
 TINY = [("qkv", 96, 64, True), ("down", 64, 256, False)]
-
-
-def _graph_time(fn, reps: int, device: str) -> float:
-    """Seconds per call of fn (which runs every weight copy once), replayed as one CUDA graph."""
-    if device != "cuda":
-        fn()
-        started = time.perf_counter()
-        fn()
-        return time.perf_counter() - started
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    for _ in range(2):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    del graph
-    return min(times)
 
 
 def _configs(n: int, k: int, tiny: bool):
@@ -83,18 +51,18 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
     def each(f):
         return lambda: [f(x, w, b) for x, w, b in zip(xs, ws, bs)]
 
-    row["cublas_gbs"] = rate(_graph_time(each(F.linear), reps, device) / copies)
+    row["cublas_gbs"] = rate(graph_time(each(F.linear), reps, device) / copies)
     if device == "cuda":
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(coordinate_descent_tuning=True):
             ind = torch.compile(lambda x, w, b: F.linear(x, w, b), dynamic=False)
-            row["inductor_gbs"] = rate(_graph_time(each(ind), reps, device) / copies)
+            row["inductor_gbs"] = rate(graph_time(each(ind), reps, device) / copies)
             if name == "down":  # the decode graph's shape: the vector's producer fused into each row's program
                 gus = [torch.randn(1, 1, 2 * k, device=device, dtype=dtype) for _ in range(copies)]
                 fused = torch.compile(lambda gu, w: F.linear(F.silu(gu[..., :k]) * gu[..., k:], w), dynamic=False)
                 row["inductor_producer_fused_gbs"] = rate(
-                    _graph_time(lambda: [fused(g, w) for g, w in zip(gus, ws)], reps, device) / copies)
+                    graph_time(lambda: [fused(g, w) for g, w in zip(gus, ws)], reps, device) / copies)
     if not splitk.available(xs[0]):
         return row
     best: dict[int, tuple] = {}  # split -> (config, seconds): the op as the decode step runs it
@@ -104,7 +72,7 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
             break
         try:
             op = each(lambda x, w, b: splitk.product(x.view(-1), w, b, cfg))
-            seconds = _graph_time(op, reps, device) / copies
+            seconds = graph_time(op, reps, device) / copies
         except Exception as exc:  # a config Triton cannot compile (registers, shared memory): skip it
             row.setdefault("failed_configs", []).append([*cfg, type(exc).__name__])
             continue

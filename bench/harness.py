@@ -179,3 +179,35 @@ def import_accel():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
+
+
+def graph_time(fn, reps: int, device: str) -> float:
+    """Seconds per call of fn, `reps` calls replayed as one CUDA graph (min of 5 replays); on a CPU one timed
+    call after a warm-up."""
+    if device != "cuda":
+        fn()
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    for _ in range(2):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    del graph
+    return min(times)

@@ -14,12 +14,22 @@ CUDA. The tests run the kernels on a CPU through Triton's interpreter (TRITON_IN
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-BLOCK_N = 64  # cache columns per inner step
+
+class Config(NamedTuple):
+    block: int = 64  # cache columns per inner step
+    per_sm: int = 8  # blocks per SM the cache is split into (most skip the columns nothing lives in)
+    warps: int = 4
+    stages: int = 2
+
+
+CONFIG = Config()  # bench/decode_attention.py sweeps the alternatives; read when a step is traced
 _SMS: dict[torch.device, int] = {}
 
 
@@ -29,7 +39,7 @@ def supported(head_dim: int, rep: int) -> bool:
 
 
 @triton.jit
-def _partial_kernel(Q, K, V, Keep, Acc, Max, Sum, scale, N,
+def _attention_partial_kernel(Q, K, V, Keep, Acc, Max, Sum, scale, N,
                     sq_b, sq_h, sq_r, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b,
                     KV: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr,
                     CHUNK: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr):
@@ -69,7 +79,7 @@ def _partial_kernel(Q, K, V, Keep, Acc, Max, Sum, scale, N,
 
 
 @triton.jit
-def _combine_kernel(Acc, Max, Sum, Out, so_b, so_h, so_r,
+def _attention_combine_kernel(Acc, Max, Sum, Out, so_b, so_h, so_r,
                     KV: tl.constexpr, REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr,
                     SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, SB: tl.constexpr):
     """One query head of one row: its slices rescaled to the overall max and divided by the total; the
@@ -102,12 +112,12 @@ def _multiprocessors(device: torch.device) -> int:
     return _SMS[device]
 
 
-def plan(rows_heads: int, length: int, sms: int) -> tuple[int, int]:
-    """(splits, columns per split): about eight blocks per SM in all (most skip the columns nothing
-    lives in), each slice a whole number of inner steps, no slice past the cache."""
-    steps = triton.cdiv(length, BLOCK_N)
-    splits = max(1, min(steps, triton.cdiv(8 * sms, rows_heads)))
-    chunk = triton.cdiv(steps, splits) * BLOCK_N
+def plan(rows_heads: int, length: int, sms: int, config: Config = Config()) -> tuple[int, int]:
+    """(splits, columns per split): about `config.per_sm` blocks per SM in all, each slice a whole
+    number of inner steps, no slice past the cache."""
+    steps = triton.cdiv(length, config.block)
+    splits = max(1, min(steps, triton.cdiv(config.per_sm * sms, rows_heads)))
+    chunk = triton.cdiv(steps, splits) * config.block
     return triton.cdiv(length, chunk), chunk
 
 
@@ -122,20 +132,21 @@ def split_kv_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
         q, keys, values = q.contiguous(), keys.contiguous(), values.contiguous()
     live = keep.reshape(rows, length)
     rep_pad = max(16, triton.next_power_of_2(rep))
-    splits, chunk = plan(rows * kv_heads, length, _multiprocessors(q.device))
+    cfg = CONFIG
+    splits, chunk = plan(rows * kv_heads, length, _multiprocessors(q.device), cfg)
     parts = rows * kv_heads * splits * rep_pad
     acc = torch.empty((parts, dim), dtype=torch.float32, device=q.device)
     maxes = torch.empty(parts, dtype=torch.float32, device=q.device)
     sums = torch.empty(parts, dtype=torch.float32, device=q.device)
     out = torch.empty((rows, kv_heads, rep, dim), dtype=q.dtype, device=q.device)
-    wrap_triton(_partial_kernel)[(rows * kv_heads, splits)](
+    wrap_triton(_attention_partial_kernel)[(rows * kv_heads, splits)](
         q, keys, values, live, acc, maxes, sums, scaling, length,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), live.stride(0),
-        KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, CHUNK=chunk, BLOCK=BLOCK_N, SPLITS=splits,
-        num_warps=4, num_stages=2)
+        KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, CHUNK=chunk, BLOCK=cfg.block, SPLITS=splits,
+        num_warps=cfg.warps, num_stages=cfg.stages)
     splits_pad = triton.next_power_of_2(splits)
-    wrap_triton(_combine_kernel)[(rows * kv_heads * rep,)](
+    wrap_triton(_attention_combine_kernel)[(rows * kv_heads * rep,)](
         acc, maxes, sums, out, out.stride(0), out.stride(1), out.stride(2),
         KV=kv_heads, REP=rep, REP_PAD=rep_pad, D=dim, SPLITS=splits, SPLITS_PAD=splits_pad,
         SB=min(16, splits_pad), num_warps=4)

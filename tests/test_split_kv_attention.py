@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, torch
 from pipelines.decoder import matmul_attention
-from pipelines.split_kv_attention import BLOCK_N, plan, split_kv_attention
+from pipelines.split_kv_attention import plan
 
 cases = json.loads(sys.argv[1])
 out = []
@@ -68,11 +68,13 @@ def test_split_kernels_compute_the_masked_softmax_attention_of_each_row():
 
 
 def test_the_plan_spreads_blocks_over_the_card_without_empty_slices():
-    from pipelines.split_kv_attention import BLOCK_N, plan
+    from pipelines.split_kv_attention import Config, plan
+
+    block = Config().block
 
     for rows_heads, length in [(4, 2048), (64, 1024), (64, 4096), (4, 100), (1, 64), (512, 4096), (7, 1000)]:
         splits, chunk = plan(rows_heads, length, 132)
-        assert chunk % BLOCK_N == 0 and splits * chunk >= length > (splits - 1) * chunk
+        assert chunk % block == 0 and splits * chunk >= length > (splits - 1) * chunk
         assert rows_heads * splits <= 8 * 132 + rows_heads  # about eight blocks an SM
     assert plan(4, 2048, 132) == (32, 64)  # one row of Qwen 7B: every step of the cache its own block
     assert plan(64, 1024, 132) == (16, 64)  # 16 rows
