@@ -146,7 +146,7 @@ def _attention_error(decoder, attention: str, rows: int, length: int = 1024, liv
     """Rel. L2 of the variant's decode attention against an fp32 computation, on random bf16 inputs of
     the profiled shape (every other row left-padded by 100 columns); read through the decoder module, so
     a `+` candidate's replacement is what is measured."""
-    mode = attention if attention != "auto" else ("matmul" if rows == 1 else "packed")
+    mode = attention if attention != "auto" else ("split" if decoder._split else "matmul" if rows == 1 else "packed")
     dev = decoder.device
     g = torch.Generator(dev).manual_seed(0)
     shape = (rows, decoder.kv_heads, length, decoder.head_dim)

@@ -132,9 +132,11 @@ class FastDecoder:
         self.compiled = bool(compile) and param.device.type == "cuda"
         self.compile_mode, self.tune_single_row = compile_mode, tune_single_row
         self.attention = attention
-        # What "auto" runs for batches of several rows on CUDA: the split kernels where they take this
-        # model's heads (+4-5% tok/s at 16 rows than cuDNN's fused kernel, docs/PERFORMANCE.md).
-        self._batch_attention = "split" if self._split_kernels(required=attention == "split") else "packed"
+        # "auto" on CUDA: the split kernels where they take this model's heads (on an H100 +4.6% tok/s at
+        # 16 rows against cuDNN's fused kernel, +12% for one row with a 3500-token cache against the
+        # matrix products and equal with a short one, docs/PERFORMANCE.md); else matmul for one row and
+        # packed for more.
+        self._split = self._split_kernels(required=attention == "split")
         self._pool_owner: FastDecoder | None = None
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._ready: set[tuple[int, int]] = set()
@@ -279,7 +281,9 @@ class FastDecoder:
         x = self.inner.embed_tokens(tokens[:, None])
         cos, sin = self.inner.rotary_emb(x, positions[:, None])
         keep = mask[:, None, None, :]
-        mode = self.attention if self.attention != "auto" else ("matmul" if b == 1 else self._batch_attention)
+        mode = self.attention
+        if mode == "auto":
+            mode = "split" if self._split else "matmul" if b == 1 else "packed"
         for i, (layer, f) in enumerate(zip(self.layers, fused)):
             attn = layer.self_attn
             q, k, v = self._qkv(layer, x, f, cos, sin)

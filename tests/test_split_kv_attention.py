@@ -83,8 +83,8 @@ def test_the_plan_spreads_blocks_over_the_card_without_empty_slices():
 
 
 def test_auto_decodes_batches_with_the_split_kernels_where_cuda_is(monkeypatch):
-    """GENQ_CHAT_ATTENTION=auto: one row as matrix products, batches through split_attention once CUDA
-    is there (on a CPU tensor that computes what the products do, so the tokens must match them)."""
+    """GENQ_CHAT_ATTENTION=auto: every batch through split_attention once CUDA is there (on a CPU tensor
+    it computes what the products do, so the tokens must match them); without CUDA none."""
     import torch
 
     import pipelines.decoder as decoder_module
@@ -103,7 +103,8 @@ def test_auto_decodes_batches_with_the_split_kernels_where_cuda_is(monkeypatch):
     calls = []
     split = decoder_module.split_attention
     monkeypatch.setattr(decoder_module, "split_attention", lambda *a: calls.append(a[0].shape[0]) or split(*a))
+    assert decode("auto", 1) == expected[1] and calls == []  # no CUDA here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert decode("auto", 1) == expected[1] and calls == []
-    assert decode("auto", 3) == expected[3] and set(calls) == {4}  # 3 rows run in the 4-row bucket
+    assert decode("auto", 1) == expected[1] and set(calls) == {1}
+    assert decode("auto", 3) == expected[3] and set(calls) == {1, 4}  # 3 rows run in the 4-row bucket
     assert torch.ops.genq.split_kv_attention.default is not None  # registered on the way
