@@ -2,7 +2,7 @@
 on pipelines.decoder.FastDecoder), same process, same card.
 
     python -m bench.qwen [--tiny] [--runs 3] [--prompt-tokens 300] [--new-tokens 256] [--batch 16]
-                         [--compile-mode reduce-overhead] [--no-tune-single-row] [--attention auto|packed|matmul|repeat]
+                         [--compile-mode reduce-overhead] [--no-tune-single-row] [--attention auto|packed|matmul|split|repeat]
                          [--budget-s 290] [--out DIR]
 
 Stages: build; baseline generate() at 1 stream, its time to first token, at --batch streams; the
