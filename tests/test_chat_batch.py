@@ -280,6 +280,7 @@ def test_options_come_from_the_environment():
     assert BatchOptions.from_env({"GENQ_CHAT_WARMUP": "none"}).warmup == ()
     assert BatchOptions().attention == "auto"
     assert BatchOptions.from_env({"GENQ_CHAT_ATTENTION": "matmul"}).attention == "matmul"
+    assert BatchOptions.from_env({"GENQ_CHAT_ATTENTION": "split"}).attention == "split"
     assert BatchOptions.from_env({"GENQ_CHAT_COMPILE_MODE": "default"}).compile_mode is None
     auto = BatchOptions.from_env({"GENQ_CHAT_BATCH": "auto", "GENQ_CHAT_COMPILE": "",
                                   "GENQ_CHAT_TUNE_SINGLE_ROW": "AUTO"})
