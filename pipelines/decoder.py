@@ -161,7 +161,8 @@ class FastDecoder:
         if split_kv_attention.supported(self.head_dim, self.n_rep):
             return True
         if required:
-            raise ValueError(f"attention 'split' needs a power-of-two head size (this model's: {self.head_dim})")
+            raise ValueError(f"attention 'split' needs a power-of-two head size of 16 to 128 and at most 16 query "
+                             f"heads per key/value head (this model: {self.head_dim}, {self.n_rep})")
         return False
 
     # --- shapes -------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ _SMS: dict[torch.device, int] = {}
 
 
 def supported(head_dim: int, rep: int) -> bool:
-    """Shapes the kernels take: a power-of-two head size (tl.arange), at most 128 grouped query heads."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 0 < rep <= 128
+    """Shapes the kernels take: a power-of-two head size up to 128 (tl.arange; a block of 128 columns of
+    keys and values fits shared memory) and up to 16 grouped query heads (one padded tile of queries)."""
+    return 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0 and 0 < rep <= 16
 
 
 @triton.jit

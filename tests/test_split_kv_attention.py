@@ -108,3 +108,10 @@ def test_auto_decodes_batches_with_the_split_kernels_where_cuda_is(monkeypatch):
     assert decode("auto", 1) == expected[1] and set(calls) == {1}
     assert decode("auto", 3) == expected[3] and set(calls) == {1, 4}  # 3 rows run in the 4-row bucket
     assert torch.ops.genq.split_kv_attention.default is not None  # registered on the way
+
+
+def test_shapes_the_kernels_do_not_take_keep_the_fused_kernel():
+    from pipelines.split_kv_attention import supported
+
+    assert supported(128, 7) and supported(64, 7) and supported(128, 16)  # Qwen 2.5 7B, 0.5B; 16 per head
+    assert not supported(96, 7) and not supported(256, 7) and not supported(128, 32)
