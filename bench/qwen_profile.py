@@ -142,11 +142,11 @@ def _profile(decoder, prompt: list[int], rows: int, tokens: int, out: Path, mode
     return tokens_out
 
 
-def _attention_error(decoder, attention: str, rows: int, length: int = 1024, live: int = 364) -> float:
+def _attention_error(decoder, rows: int, length: int = 1024, live: int = 364) -> float:
     """Rel. L2 of the variant's decode attention against an fp32 computation, on random bf16 inputs of
     the profiled shape (every other row left-padded by 100 columns); read through the decoder module, so
     a `+` candidate's replacement is what is measured."""
-    mode = attention if attention != "auto" else ("split" if decoder._split else "matmul" if rows == 1 else "packed")
+    mode = decoder.attention_mode(rows)
     dev = decoder.device
     g = torch.Generator(dev).manual_seed(0)
     shape = (rows, decoder.kv_heads, length, decoder.head_dim)
@@ -174,8 +174,8 @@ def _variant(model, variant: str, prompt: list[int], args, out: Path, label: str
             decoder.warm(args.rows, 1024)
             rec = {"warm_s": round(time.perf_counter() - t0, 1)}
             tokens = _profile(decoder, prompt, args.rows, args.tokens, out, label, rec)
-            if attention in ("auto", "packed", "matmul", "split"):
-                rec["attention_rel_l2_vs_fp32"] = round(_attention_error(decoder, attention, args.rows), 6)
+            if decoder.attention_mode(args.rows) != "repeat":  # the modes with a function of their own
+                rec["attention_rel_l2_vs_fp32"] = round(_attention_error(decoder, args.rows), 6)
     finally:
         decoder.release_memory()
     return rec, tokens
@@ -203,21 +203,19 @@ def main() -> int:
         try:
             rec, tokens = _variant(model, variant, prompt, args, out, label)
         except Exception as exc:  # a candidate that does not compile on this torch is a result too
-            report["modes"][label] = {"error": repr(exc)[-3000:]}  # the message is at the end
-            print(label, "failed:", repr(exc)[-3000:], flush=True)
-            continue
-        first_tokens = tokens if first_tokens is None else first_tokens
-        # greedy tokens of row 0 agreeing with the first variant's, up to the first difference
-        rec["tokens_agreeing_with_first_variant"] = next(
-            (i for i, (a, b) in enumerate(zip(tokens, first_tokens)) if a != b), len(tokens))
-        achieved = read / (rec["step_ms_wall"] / 1000) / 1e12
-        rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), card_bandwidth_tb_s=bandwidth,
-                   bandwidth_floor_ms=round(read / (bandwidth * 1e12) * 1000, 3),
-                   achieved_tb_s=round(achieved, 2), bandwidth_fraction=round(achieved / bandwidth, 3))
+            rec = {"error": repr(exc)[-3000:]}  # the message is at the end
+        else:
+            first_tokens = tokens if first_tokens is None else first_tokens
+            # greedy tokens of row 0 agreeing with the first variant's, up to the first difference
+            rec["tokens_agreeing_with_first_variant"] = next(
+                (i for i, (a, b) in enumerate(zip(tokens, first_tokens)) if a != b), len(tokens))
+            achieved = read / (rec["step_ms_wall"] / 1000) / 1e12
+            rec.update(bytes_read_per_step_gb=round(read / 1e9, 2), card_bandwidth_tb_s=bandwidth,
+                       bandwidth_floor_ms=round(read / (bandwidth * 1e12) * 1000, 3),
+                       achieved_tb_s=round(achieved, 2), bandwidth_fraction=round(achieved / bandwidth, 3))
         report["modes"][label] = rec
         path.write_text(json.dumps(report, indent=1))
         print(label, json.dumps(rec)[:1200], flush=True)
-    path.write_text(json.dumps(report, indent=1))
     return 0
 
 

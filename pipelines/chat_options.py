@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 # Decode attention (pipelines/decoder.py): "packed" fused SDPA on the key/value heads, "matmul" the same
 # as matrix products, "split" the same split over the cache length (Triton kernels on CUDA,
-# pipelines/split_kv_attention.py), "auto" matmul for one row and packed for more, "repeat" the cache
-# repeated per query head as transformers does. Here, not in decoder.py, so that settings parse without torch.
+# pipelines/split_kv_attention.py), "auto" split on CUDA, else matmul for one row and packed for more,
+# "repeat" the cache repeated per query head as transformers does. Here, not in decoder.py, so that
+# settings parse without torch.
 AttentionMode = Literal["auto", "packed", "matmul", "split", "repeat"]
 ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
 # Switches that also take "auto" (or nothing): their default, which for the first two depends on the device

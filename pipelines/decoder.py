@@ -148,6 +148,12 @@ class FastDecoder:
             raise_recompile_limit(64)  # one compiled graph per (batch, length) shape
             self._step = torch.compile(self._decode_step, mode=compile_mode, fullgraph=True, dynamic=False)
 
+    def attention_mode(self, rows: int) -> str:
+        """The decode attention a batch of `rows` rows runs: the setting, with "auto" resolved."""
+        if self.attention != "auto":
+            return self.attention
+        return "split" if self._split else "matmul" if rows == 1 else "packed"
+
     def _split_kernels(self, required: bool) -> bool:
         """Registers torch.ops.genq.split_kv_attention where CUDA is (the weights may move there later)."""
         if not torch.cuda.is_available():
@@ -282,19 +288,17 @@ class FastDecoder:
         x = self.inner.embed_tokens(tokens[:, None])
         cos, sin = self.inner.rotary_emb(x, positions[:, None])
         keep = mask[:, None, None, :]
-        mode = self.attention
-        if mode == "auto":
-            mode = "split" if self._split else "matmul" if b == 1 else "packed"
+        mode = self.attention_mode(b)
+        attend = {"packed": packed_attention, "matmul": matmul_attention, "split": split_attention}.get(mode)
         for i, (layer, f) in enumerate(zip(self.layers, fused)):
             attn = layer.self_attn
             q, k, v = self._qkv(layer, x, f, cos, sin)
             keys, values = kv[2 * i], kv[2 * i + 1]
             keys.index_copy_(2, column, k)
             values.index_copy_(2, column, v)
-            if mode in ("packed", "matmul", "split"):
+            if attend is not None:
                 # Query heads sharing a key/value head become that head's query rows: no repeated cache.
                 q = q.reshape(b, self.kv_heads, self.n_rep, self.head_dim)
-                attend = {"packed": packed_attention, "matmul": matmul_attention, "split": split_attention}[mode]
                 o = attend(q, keys, values, keep, self.scaling)
             else:  # transformers' compiled decode: the cache repeated per query head
                 o = F.scaled_dot_product_attention(q, _repeat_kv(keys, self.n_rep), _repeat_kv(values, self.n_rep),
@@ -370,7 +374,7 @@ def matmul_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     `keep` [rows, 1, 1, positions] is true; [rows, kv heads, queries, head dim]. The fused kernels are
     built for long query blocks and run one thread block per head for one row (on an H200 0.70 ms of a
     5.2 ms step against 0.2 ms for the products, bench/qwen_profile.py): "auto" uses this for one row
-    only; batches keep the fused kernel, which has a block per row and head."""
+    where the split kernels do not run; batches then keep the fused kernel, a block per row and head."""
     # Scores in fp32, as the fused kernels keep them: bf16 scores flipped more near-tied greedy
     # picks on the GPU (214 of 256 steps agreeing with the uncached forward, against 223-229).
     scores = attention_scores(q, keys) * scaling

@@ -9,8 +9,8 @@ slice of the cache, with the grouped query heads of that key/value head together
 once; a second kernel merges the slices. Scores and softmax in fp32, as the fused kernels keep them; the
 weights meet the values in the cache's dtype, as there.
 
-Importing this module needs Triton (it comes with CUDA builds of torch); decoder.py imports it only on
-CUDA. The tests run the kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
+Importing this module needs Triton (it comes with CUDA builds of torch); decoder.py imports it only
+where CUDA is available. The tests run the kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
