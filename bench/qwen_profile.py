@@ -86,13 +86,41 @@ def _flex_attention(q, keys, values, keep, scaling):
 # main() resets dynamo before each variant, so every variant compiles its own graph (without the reset
 # dynamo would reuse the first variant's graph for an equal decoder: a first try of a wider coordinate
 # descent was warm in 0.1 s).
+_cublas_linear = F.linear
+
+
+def _skinny_or_cublas(x, weight, bias=None):
+    """F.linear through bench/skinny_linear.py's kernels where they take the input (the decode step's
+    products, the prefill's LM head), cuBLAS elsewhere."""
+    from bench import skinny_linear
+
+    if x.is_cuda and skinny_linear.supported(x, weight):
+        return skinny_linear.linear(x, weight, bias)
+    return _cublas_linear(x, weight, bias)
+
+
+def _load_skinny_table(path: str, rows: int) -> None:
+    """skinny_linear.TABLE from bench/skinny_gemm.py's JSON: each shape's best config at `rows` rows."""
+    from bench import skinny_linear
+
+    stages = json.loads(Path(path).read_text())["stages"]
+    for rec in stages.values():
+        if rec.get("rows") == rows and "best" in rec:
+            best = {k: v for k, v in rec["best"].items() if k in skinny_linear.Config._fields}
+            skinny_linear.TABLE[(rec["n"], rec["k"])] = skinny_linear.Config(**best)
+
+
 TWEAKS = {"down-split": [(decoder_module, "mlp", _mlp_down_split)],
           "qkv-mm": [(decoder_module, "project_qkv", _qkv_mm)],
           "scores-red": [(decoder_module, "attention_scores", _scores_reduced)],
           "flex": [(decoder_module, "matmul_attention", _flex_attention),
                    (decoder_module, "packed_attention", _flex_attention)],
           # Programmatic dependent launch: a Triton kernel starts while the one before it drains (Hopper)
-          "pdl": [{"triton.enable_pdl": True}]}
+          "pdl": [{"triton.enable_pdl": True}],
+          # inductor benchmarks Triton templates against cuBLAS for every matrix product of the graph
+          "mm-autotune": [{"max_autotune_gemm": True}],
+          # every product of up to 16 rows through the Triton kernels (--skinny-table: their configs)
+          "skinny": [(F, "linear", _skinny_or_cublas)]}
 
 
 @contextlib.contextmanager
@@ -184,13 +212,16 @@ def _variant(model, variant: str, prompt: list[int], args, out: Path, label: str
 def main() -> int:
     args, out = parse_args(__doc__, "qwen_profile", lambda ap: (
         ap.add_argument("--attention", default="packed,matmul"), ap.add_argument("--tokens", type=int, default=64),
-        ap.add_argument("--prompt-tokens", type=int, default=300), ap.add_argument("--rows", type=int, default=1)))
+        ap.add_argument("--prompt-tokens", type=int, default=300), ap.add_argument("--rows", type=int, default=1),
+        ap.add_argument("--skinny-table", default=None, help="bench/skinny_gemm.py's JSON: configs for +skinny")))
     if args is None:
         return 1
     variants = list(filter(None, args.attention.split(",")))
     unknown = {t for v in variants for t in v.split("+")[1:]} - TWEAKS.keys()
     if unknown:
         raise SystemExit(f"--attention: unknown tweak(s) {sorted(unknown)}; known: {sorted(TWEAKS)}")
+    if args.skinny_table:
+        _load_skinny_table(args.skinny_table, args.rows)
     model = build_qwen("cuda", tiny=args.tiny)
     weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     read, bandwidth = decode_read_bytes(model), bandwidth_tb_s(torch.cuda.get_device_name()) or 4.8

@@ -1,0 +1,131 @@
+"""Linear layers of a few rows (a batched decode step): weights streamed once through tensor cores.
+
+A benchmark candidate (bench/skinny_gemm.py alone, bench/qwen_profile.py's `+skinny` inside the decode
+step), not a production path: measured on an H100 it beat cuBLAS by 4-7% on four of the five products
+but gained 2.5% in the 16-row step, inside the profile's spread (docs/PERFORMANCE.md, fourth session).
+
+A 16-row decode step of Qwen 2.5 7B reads 14 GB of weights for 16 x 15 GFLOP: bound by memory bandwidth,
+yet cuBLAS's kernels for these shapes read the weights at 67-81% of an H100's bandwidth
+(bench/qwen_profile.py --rows 16). Here each program owns a block of output features, walks K (or one
+slice of it) and multiplies the weight tile against all the rows at once (`tl.dot`, the rows padded to
+16); with `split` > 1 the slices' fp32 partial sums are added by a second kernel in a fixed order, so
+the result is the same every run. The launch shape is data (`Config`), chosen per weight shape by
+bench/skinny_gemm.py.
+
+Importing this module needs Triton (it comes with CUDA builds of torch). tests/test_skinny_linear.py runs
+the kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+MAX_ROWS = 16  # one padded tile of rows
+
+
+class Config(NamedTuple):
+    block_n: int = 64  # output features per program
+    block_k: int = 128  # reduction step
+    split: int = 1  # programs sharing one block of features, each over a slice of K
+    warps: int = 4
+    stages: int = 4
+
+
+# (out features, in features) -> launch shape, measured per weight shape (bench/skinny_gemm.py)
+TABLE: dict[tuple[int, int], Config] = {}
+
+
+def config_for(n: int, k: int) -> Config:
+    return TABLE.get((n, k), Config())
+
+
+@triton.jit
+def _skinny_kernel(X, W, Bias, Out, M, N, K, K_SLICE, sx_m, sw_n, so_m, so_s,
+                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """out[m, n] = sum_k x[m, k] w[n, k] over this program's slice of K; the weight tile is the dot's
+    left operand, so blocks of 64+ features use Hopper's wgmma with the rows as its narrow side."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = pid_s * K_SLICE
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(k_lo, k_lo + K_SLICE, BLOCK_K):
+        kk = k + rk
+        if EVEN:  # every tile whole: loads without masks vectorise fully
+            w = tl.load(W + rn[:, None] * sw_n + kk[None, :])
+        else:
+            w = tl.load(W + rn[:, None] * sw_n + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+        x = tl.load(X + rm[None, :] * sx_m + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < K), other=0.0)
+        acc = tl.dot(w, x, acc)
+    mask = (rn[:, None] < N) & (rm[None, :] < M)
+    if PARTIAL:
+        tl.store(Out + pid_s * so_s + rm[None, :] * so_m + rn[:, None], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(Out + rm[None, :] * so_m + rn[:, None], acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_slices_kernel(Part, Bias, Out, N, TOTAL, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < TOTAL
+    y = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):  # a fixed order: the same sums every run
+        y += tl.load(Part + s * TOTAL + i, mask=ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(Bias + i % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + i, y.to(Out.dtype.element_ty), mask=ok)
+
+
+def _k_slice(k: int, cfg: Config) -> int:
+    """K per split, whole blocks; the last slice may run past K (masked)."""
+    return triton.cdiv(triton.cdiv(k, cfg.split), cfg.block_k) * cfg.block_k
+
+
+@triton_op("genq::skinny_linear", mutates_args={})
+def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int,
+                   split: int, warps: int, stages: int) -> torch.Tensor:
+    cfg = Config(block_n, block_k, split, warps, stages)
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    m = rows.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    k_slice = _k_slice(k, cfg)
+    even = n % block_n == 0 and k % k_slice == 0
+    partial = split > 1
+    target = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if partial else out
+    has_bias = bias is not None
+    wrap_triton(_skinny_kernel)[(triton.cdiv(n, block_n), split)](
+        rows, weight, bias if has_bias else weight, target, m, n, k, k_slice, rows.stride(0), weight.stride(0),
+        n, m * n, HAS_BIAS=has_bias, PARTIAL=partial, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN=even, num_warps=warps, num_stages=stages)
+    if partial:
+        block = 1024
+        wrap_triton(_sum_slices_kernel)[(triton.cdiv(m * n, block),)](
+            target, bias if has_bias else target, out, n, m * n, SPLIT=split, HAS_BIAS=has_bias, BLOCK=block,
+            num_warps=4)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Inputs the kernels take: at most MAX_ROWS rows, a 2-D weight with unit stride along K, x's rows
+    contiguous along K, one floating dtype."""
+    return (x.numel() // max(1, x.shape[-1]) <= MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
+            and x.stride(-1) == 1 and x.dtype == weight.dtype and x.dtype.is_floating_point)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           cfg: Config | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for at most MAX_ROWS rows of x (any leading shape), through the kernels;
+    `cfg` defaults to the weight shape's entry in TABLE."""
+    if not supported(x, weight):
+        raise ValueError(f"skinny_linear: x {tuple(x.shape)} / weight {tuple(weight.shape)} not supported")
+    return torch.ops.genq.skinny_linear(x, weight, bias, *(cfg or config_for(*weight.shape)))
