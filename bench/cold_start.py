@@ -11,9 +11,10 @@ compilation and fills the cache. A second process then starts the same way with 
 the figure the issue asks for (whole start, warm-up included, under 60 s with cached artefacts).
 Each start reports: seconds from process launch to ready, setup() alone, weights on the GPU (from the
 pipeline's own log line), compile-cache bytes. The last SDXL start also times warm jobs of the warm-up
-shape (1024x1024, 1 image, and any --sdxl-extra shapes, which start warms up too: SDXL_WARMUP_EXTRA) through
-the daemon's run() against the plain diffusers pipeline loaded in the same process, and counts graphs
-compiled after the start (0 expected: the warm-up is a real run()).
+size (1024x1024) at 1, 3 and 6 images (the warm-up is 1 image; the others run as one-image chunks of its
+graph) and of any --sdxl-extra shapes (which start warms up too: SDXL_WARMUP_EXTRA) through the daemon's
+run() against the plain diffusers pipeline loaded in the same process, and counts graphs compiled after the
+start (0 expected: the warm-up is a real run(), and no image count needs a graph of its own).
 Writes OUT/cold_start.json after every step.
 """
 from __future__ import annotations
@@ -102,7 +103,10 @@ def _measure_sdxl(pipe) -> dict:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     steps = 25 if dev == "cuda" else 2
-    sizes = [(1024, 1024, 1)] if dev == "cuda" else [(64, 64, 1)]
+    # every image count of the warmed size (the others run as one-image chunks of its graph), then any
+    # extra shapes listed
+    side = 1024 if dev == "cuda" else 64
+    sizes = [(side, side, n) for n in ((1, 3, 6) if dev == "cuda" else (1, 3))]
     sizes += [shape for shape in pipe.sdxl_settings.warmup_extra if shape not in sizes]
 
     def job(w, h, n):

@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.settings import CompileMode
 
+from .unet_batches import chunk_batches
+
 
 class AccelOptions(BaseModel):
     """The switches above; `from_env` reads them, and a bad value is refused naming its variable."""
@@ -105,9 +107,8 @@ def _inductor_flags() -> None:
     inductor_config.epilogue_fusion = False
 
 
-def accelerate_sdxl(pipe, opts: AccelOptions, static_shapes: bool = False) -> list[str]:
+def accelerate_sdxl(pipe, opts: AccelOptions) -> list[str]:
     """Speed up an SDXL diffusers pipeline in place; components shared with img2img pipelines follow.
-    `static_shapes`: compile one static graph per shape served (see compile_sdxl).
 
     Returns the levers applied (for the start-up log).
     """
@@ -125,26 +126,29 @@ def accelerate_sdxl(pipe, opts: AccelOptions, static_shapes: bool = False) -> li
     pipe.vae.to(memory_format=torch.channels_last)
     applied.append("channels_last")
     if opts.compile:
-        applied.append(compile_sdxl(pipe, opts, static_shapes))
+        applied.append(compile_sdxl(pipe, opts))
     return applied
 
 
-def compile_sdxl(pipe, opts: AccelOptions, static_shapes: bool = False) -> str:
+def compile_sdxl(pipe, opts: AccelOptions) -> str:
+    """Compile the UNet and the VAE decoder in place: one static graph per input shape, the UNet's image
+    counts served by one graph per size (pipelines/unet_batches.py), unless GENQ_COMPILE_DYNAMIC."""
     configure_compile_cache(opts.cache_dir)
     _inductor_flags()
-    # torch's default (None) compiles the first shape statically and the second with symbolic sizes;
-    # dynamo then tries the newest graph first, so the symbolic one serves the first shape's jobs too
-    # (measured after warming 1 and 3 images on an H100: 1-image jobs at 1.31x plain diffusers, where the
-    # static graph gave 1.8-2x). With the shapes served listed (SDXL_WARMUP_EXTRA), each gets its own.
-    dynamic = True if opts.compile_dynamic else (False if static_shapes else None)
-    if dynamic is False:
-        raise_recompile_limit(32)  # 3 sizes x 3 image counts in today's contract, and room for more
-    # In-place Module.compile keeps the same module objects, so an img2img pipeline built from
-    # txt2img.components uses the compiled UNet and decoder too.
-    pipe.unet.compile(fullgraph=True, mode=opts.compile_mode, dynamic=dynamic)
+    # Static graphs: under torch's default (dynamic=None) a second shape compiles with symbolic sizes, and
+    # dynamo, trying the newest graph first, then runs the first shape's jobs on it too (measured after
+    # warming 1 and 3 images on an H100: 1-image jobs at 1.31x plain diffusers, 1.8-2x on the static graph).
+    dynamic = True if opts.compile_dynamic else False
+    raise_recompile_limit(32)  # 3 sizes x 3 image counts in today's contract, and room for more
+    if dynamic:  # one graph takes every batch: nothing to chunk
+        pipe.unet.compile(fullgraph=True, mode=opts.compile_mode, dynamic=True)
+    else:
+        chunk_batches(pipe.unet, torch.compile(pipe.unet.forward, fullgraph=True, mode=opts.compile_mode,
+                                               dynamic=False))
+    # Decoded one image at a time (pipelines/sdxl.py): one graph per size. In place, so an img2img
+    # pipeline built from txt2img.components decodes through it too.
     pipe.vae.decoder.compile(fullgraph=True, mode=opts.compile_mode, dynamic=dynamic)
-    shapes = {True: ":dynamic", False: ":static", None: ""}[dynamic]
-    return f"compile:{opts.compile_mode or 'default'}{shapes}"
+    return f"compile:{opts.compile_mode or 'default'}:{'dynamic' if dynamic else 'static'}"
 
 
 def raise_recompile_limit(n: int) -> None:

@@ -35,7 +35,9 @@ Behaviour worth knowing:
   model folder never needs that. A result that is still non-finite is an error, never a black image.
 * ``setup()`` warms up at the largest shape requests may have (GENQ_LIMIT_SDXL_MAX_PIXELS as a square, six
   images; override with SDXL_WARMUP_WIDTH/HEIGHT/IMAGES), then at any SDXL_WARMUP_EXTRA shapes (so that
-  GENQ_COMPILE compiles them at start, not in a job), and refuses to start if that fails (e.g. OOM).
+  GENQ_COMPILE compiles them at start, not in a job), and refuses to start if that fails (e.g. OOM). Under
+  GENQ_COMPILE the UNet runs other image counts of a warmed size as chunks of one guided image
+  (pipelines/unet_batches.py), so only a new size compiles after start.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ from schemas.settings import Settings
 from .accel import AccelOptions, accelerate_sdxl
 from .loading import TINY, pick_device, pick_dtype, resolve_model_path, warm_up_or_refuse
 from .tiny_sdxl import build_tiny_sdxl
+from .unet_batches import whole_batches
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,9 @@ class SdxlSettings(BaseSettings):
     warmup_width: int | None = Field(None, ge=64, multiple_of=8, validation_alias="SDXL_WARMUP_WIDTH")
     warmup_height: int | None = Field(None, ge=64, multiple_of=8, validation_alias="SDXL_WARMUP_HEIGHT")
     warmup_images: int | None = Field(None, ge=1, le=6, validation_alias="SDXL_WARMUP_IMAGES")
-    # Shapes warmed up after the main one, "WIDTHxHEIGHTxIMAGES,...": under GENQ_COMPILE each new image
-    # count or size compiles the UNet again (~169 s on an H200), at start instead of inside a job.
+    # Shapes warmed up after the main one, "WIDTHxHEIGHTxIMAGES,...": under GENQ_COMPILE each new size
+    # compiles the UNet again (minutes), at start instead of inside a job; every image count of a warmed
+    # size runs on its one-image graph in chunks, unless listed here (then its batch gets a graph of its own).
     warmup_extra: Annotated[tuple[tuple[int, int, int], ...], NoDecode] = Field(
         (), validation_alias="SDXL_WARMUP_EXTRA")
 
@@ -143,9 +147,7 @@ class SdxlPipeline:
         self.img2img = StableDiffusionXLImg2ImgPipeline(**txt2img.components, add_watermarker=False,
                                                         **_pipeline_options(txt2img))
         # GPU speed-ups behind GENQ_ACCEL / GENQ_COMPILE (docs/PERFORMANCE.md); a no-op when unset
-        # the shapes served listed: a static compiled graph each (pipelines/accel.py, compile_sdxl)
-        static = bool(self.sdxl_settings.warmup_extra)
-        applied = accelerate_sdxl(self.txt2img, AccelOptions.from_env(), static_shapes=static)
+        applied = accelerate_sdxl(self.txt2img, AccelOptions.from_env())
         log.info("sdxl accel: %s", applied or "off")
         self._warm_up()
 
@@ -177,8 +179,10 @@ class SdxlPipeline:
                                         "(lower GENQ_LIMIT_SDXL_MAX_PIXELS or SDXL_WARMUP_*)")
         extra = [shape for shape in self.sdxl_settings.warmup_extra if shape != (width, height, images)]
         for shape in extra:  # txt2img is enough: img2img runs the same UNet and VAE decoder
-            self._warm(lambda: self.run(self._warmup_request(*shape)),
-                       "at SDXL_WARMUP_EXTRA shape %dx%dx%d failed, refusing to start" % shape)
+            # A listed shape's UNet batch gets a compiled graph of its own (pipelines/unet_batches.py)
+            with whole_batches(self.txt2img.unet):
+                self._warm(lambda: self.run(self._warmup_request(*shape)),
+                           "at SDXL_WARMUP_EXTRA shape %dx%dx%d failed, refusing to start" % shape)
         log.info("SDXL ready on %s (%s), warmed up at %s", self.device, self.dtype,
                  ", ".join("%dx%d x%d" % shape for shape in [(width, height, images), *extra]))
 

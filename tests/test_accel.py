@@ -42,22 +42,29 @@ class _Compiled:
     def compile(self, **kwargs):
         self.kwargs = kwargs
 
+    def forward(self, sample):
+        return sample
 
-@pytest.mark.parametrize("dynamic_env, static_shapes, expected, tag", [
-    ("0", False, None, "compile:default"),  # torch's default: static first, then a symbolic graph
-    ("0", True, False, "compile:default:static"),  # SDXL_WARMUP_EXTRA listed: one static graph per shape
-    ("1", True, True, "compile:default:dynamic"),  # GENQ_COMPILE_DYNAMIC wins
+
+@pytest.mark.parametrize("dynamic_env, dynamic, tag", [
+    ("0", False, "compile:default:static"),  # one static graph per shape, image counts chunked
+    ("1", True, "compile:default:dynamic"),  # GENQ_COMPILE_DYNAMIC: one symbolic graph for every shape
 ])
-def test_compile_sdxl_picks_static_graphs_when_the_shapes_are_listed(dynamic_env, static_shapes, expected, tag):
+def test_compile_sdxl_compiles_static_graphs_and_chunks_the_unet_batch(dynamic_env, dynamic, tag):
     import torch._dynamo.config as dynamo_config
+
+    from pipelines.unet_batches import BatchChunks
 
     pipe = SimpleNamespace(unet=_Compiled(), vae=SimpleNamespace(decoder=_Compiled()))
     opts = AccelOptions.from_env({"GENQ_ACCEL": "1", "GENQ_COMPILE": "1", "GENQ_COMPILE_DYNAMIC": dynamic_env})
     with dynamo_config.patch(recompile_limit=8):
-        assert compile_sdxl(pipe, opts, static_shapes=static_shapes) == tag
-        assert dynamo_config.recompile_limit == (32 if expected is False else 8)
-    for module in (pipe.unet, pipe.vae.decoder):
-        assert module.kwargs == {"fullgraph": True, "mode": None, "dynamic": expected}
+        assert compile_sdxl(pipe, opts) == tag
+        assert dynamo_config.recompile_limit == 32
+    assert pipe.vae.decoder.kwargs == {"fullgraph": True, "mode": None, "dynamic": dynamic}
+    if dynamic:
+        assert pipe.unet.kwargs == {"fullgraph": True, "mode": None, "dynamic": True}
+    else:  # the forward compiled behind the chunker, Module.compile not used
+        assert isinstance(vars(pipe.unet)["forward"], BatchChunks) and pipe.unet.kwargs is None
 
 
 @pytest.fixture(scope="module")

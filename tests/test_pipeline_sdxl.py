@@ -270,14 +270,28 @@ def test_extra_warm_up_shapes_run_at_start_and_size_memory_admission(settings, m
     assert ran == [(64, 64, 1, False), (64, 64, 1, True), (64, 64, 3, False), (72, 64, 1, False)]
 
 
-@pytest.mark.parametrize("extra, static", [("", False), ("64x64x3", True)])
-def test_listed_warm_up_shapes_ask_for_static_compiled_graphs(settings, monkeypatch, extra, static):
+def test_listed_warm_up_shapes_run_their_unet_batch_whole(settings, monkeypatch):
+    """Under GENQ_COMPILE the UNet is chunked (pipelines/unet_batches.py); here the chunker stands in front
+    of the eager forward. A listed shape's batch runs whole, an unlisted image count in one-image chunks."""
     import pipelines.sdxl as sdxl_module
+    from pipelines.unet_batches import chunk_batches
 
-    asked = []
-    monkeypatch.setattr(sdxl_module, "accelerate_sdxl", lambda pipe, opts, static_shapes: asked.append(static_shapes))
-    SdxlPipeline(settings, SdxlSettings(SDXL_WARMUP_EXTRA=extra)).setup()
-    assert asked == [static]
+    batches = []
+
+    def chunked(pipe, opts):
+        forward = pipe.unet.forward
+        chunk_batches(pipe.unet, lambda sample, *a, **kw: batches.append(sample.shape[0]) or forward(sample, *a, **kw))
+        return ["chunked"]
+
+    monkeypatch.setattr(sdxl_module, "accelerate_sdxl", chunked)
+    pipe = SdxlPipeline(settings, SdxlSettings(SDXL_WARMUP_EXTRA="64x64x3"))
+    pipe.setup()
+    batches.clear()
+    pipe.run(request(num_images=3, seeds=[1, 2, 3]))
+    assert batches == [6, 6]  # listed: one call a step
+    batches.clear()
+    pipe.run(request(num_images=6, seeds=list(range(6))))
+    assert batches == [2] * 12  # not listed: six one-image chunks a step, no new graph
 
 
 def test_a_failing_extra_warm_up_shape_refuses_to_start(settings, monkeypatch):
