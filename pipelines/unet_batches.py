@@ -9,6 +9,9 @@ padding the last chunk with a copy of its last sample; the UNet computes each sa
 every image is the same as in a one-image job. A 6-image job then costs about 7% more GPU time than one
 static batch-12 graph (bench/sdxl.py, docs/PERFORMANCE.md); a shape listed in SDXL_WARMUP_EXTRA is
 warmed up inside `whole_batches`, which gives that exact input shape its own graph and runs it whole.
+The one-image chunks pay the CPU's launch time once each: on a host whose CPU launches kernels slower
+than the GPU runs them, default compile mode made a 6-image job slower than plain diffusers (0.94x on an
+H100), so SDXL compiles with CUDA graphs unless GENQ_COMPILE_MODE says otherwise (pipelines/accel.py).
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ class BatchChunks:
         parts = []
         for start in range(0, batch, self.unit):
             rows = torch.arange(start, start + self.unit, device=sample.device).clamp_(max=batch - 1)
-            parts.append(self.forward(*_take((sample, *args), rows, batch), **_take(kwargs, rows, batch)))
+            # a copy, and the output itself dropped before the next chunk: under CUDA graphs the next replay
+            # writes its output into the same memory
+            parts.append(_copy(self.forward(*_take((sample, *args), rows, batch), **_take(kwargs, rows, batch))))
         return _join(parts, batch)
 
 
@@ -51,6 +56,16 @@ def _take(value, rows: torch.Tensor, batch: int):
         return {k: _take(v, rows, batch) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_take(v, rows, batch) for v in value)
+    return value
+
+
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return type(value)(**{k: _copy(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy(v) for v in value)
     return value
 
 

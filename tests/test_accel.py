@@ -46,23 +46,26 @@ class _Compiled:
         return sample
 
 
-@pytest.mark.parametrize("dynamic_env, dynamic, tag", [
-    ("0", False, "compile:default:static"),  # one static graph per shape, image counts chunked
-    ("1", True, "compile:default:dynamic"),  # GENQ_COMPILE_DYNAMIC: one symbolic graph for every shape
+@pytest.mark.parametrize("dynamic_env, mode_env, dynamic, mode, tag", [
+    # one static graph per shape, image counts chunked, CUDA graphs unless the mode is set
+    ("0", "", False, "reduce-overhead", "compile:reduce-overhead:static"),
+    ("0", "default", False, "default", "compile:default:static"),
+    ("1", "", True, "reduce-overhead", "compile:reduce-overhead:dynamic"),  # one symbolic graph for every shape
 ])
-def test_compile_sdxl_compiles_static_graphs_and_chunks_the_unet_batch(dynamic_env, dynamic, tag):
+def test_compile_sdxl_compiles_static_graphs_and_chunks_the_unet_batch(dynamic_env, mode_env, dynamic, mode, tag):
     import torch._dynamo.config as dynamo_config
 
     from pipelines.unet_batches import BatchChunks
 
     pipe = SimpleNamespace(unet=_Compiled(), vae=SimpleNamespace(decoder=_Compiled()))
-    opts = AccelOptions.from_env({"GENQ_ACCEL": "1", "GENQ_COMPILE": "1", "GENQ_COMPILE_DYNAMIC": dynamic_env})
+    opts = AccelOptions.from_env({"GENQ_ACCEL": "1", "GENQ_COMPILE": "1", "GENQ_COMPILE_DYNAMIC": dynamic_env,
+                                  "GENQ_COMPILE_MODE": mode_env})
     with dynamo_config.patch(recompile_limit=8):
         assert compile_sdxl(pipe, opts) == tag
         assert dynamo_config.recompile_limit == 32
-    assert pipe.vae.decoder.kwargs == {"fullgraph": True, "mode": None, "dynamic": dynamic}
+    assert pipe.vae.decoder.kwargs == {"fullgraph": True, "mode": mode, "dynamic": dynamic}
     if dynamic:
-        assert pipe.unet.kwargs == {"fullgraph": True, "mode": None, "dynamic": True}
+        assert pipe.unet.kwargs == {"fullgraph": True, "mode": mode, "dynamic": True}
     else:  # the forward compiled behind the chunker, Module.compile not used
         assert isinstance(vars(pipe.unet)["forward"], BatchChunks) and pipe.unet.kwargs is None
 
