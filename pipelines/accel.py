@@ -8,8 +8,8 @@ equivalent changes and never compile, so tests exercise the same code paths as t
 Switches (environment, read by AccelOptions.from_env):
   GENQ_ACCEL=1               fused QKV, channels-last, bf16 VAE decode, attention backend
   GENQ_COMPILE=1             torch.compile on top (CUDA only)
-  GENQ_COMPILE_MODE          torch.compile mode: default (inductor's default, also when unset), reduce-overhead,
-                             max-autotune or max-autotune-no-cudagraphs
+  GENQ_COMPILE_MODE          torch.compile mode: default, reduce-overhead (SDXL's when unset; WAN's is
+                             inductor's default), max-autotune or max-autotune-no-cudagraphs
   GENQ_COMPILE_DYNAMIC=1     SDXL: one compiled graph with symbolic sizes for every shape (see below)
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
@@ -42,7 +42,8 @@ class AccelOptions(BaseModel):
     compile_mode: CompileMode | None = Field(None, validation_alias="GENQ_COMPILE_MODE")
     # One SDXL graph with symbolic batch, width and height would serve every size the contract allows,
     # but its first compile did not finish in 8 minutes on an H200 (docs/PERFORMANCE.md, cold start):
-    # off by default, so the warm-up shape compiles statically and others compile on first use.
+    # off by default, so each size compiles statically (its image counts share the graph in chunks,
+    # pipelines/unet_batches.py) and an unlisted size compiles on first use.
     compile_dynamic: bool = Field(False, validation_alias="GENQ_COMPILE_DYNAMIC")
     cache_dir: str | None = Field(None, validation_alias="GENQ_COMPILE_CACHE_DIR")
     wan_attention_backend: str = Field("_native_cudnn", validation_alias="GENQ_WAN_ATTENTION")
