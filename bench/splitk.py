@@ -42,6 +42,8 @@ def available(t: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    from bench.skinny_linear import _sum_slices_kernel
+
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, K_PER_SPLIT, stride_w,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
@@ -66,18 +68,6 @@ if triton is not None:
                 y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
-    @triton.jit
-    def _finish_kernel(partials_ptr, bias_ptr, out_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                       HAS_BIAS: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = rows < N
-        y = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLIT):  # a fixed order: the same sums every run
-            y += tl.load(partials_ptr + s * N + rows, mask=ok, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
-
     @torch.library.triton_op("genq::gemv", mutates_args=())
     def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, split: int, block_n: int,
               block_k: int, warps: int) -> torch.Tensor:
@@ -92,8 +82,9 @@ if triton is not None:
             x, weight, bias if has_bias else x, target, n, k, per_split, weight.stride(0), BLOCK_N=block_n,
             BLOCK_K=block_k, HAS_BIAS=has_bias, PARTIAL=split > 1, num_warps=warps)
         if split > 1:
-            torch.library.wrap_triton(_finish_kernel)[(-(-n // 1024),)](
-                target, bias if has_bias else target, out, n, SPLIT=split, BLOCK=1024, HAS_BIAS=has_bias,
+            # the partial sums of one row: bench/skinny_linear.py's merge with a single row of n
+            torch.library.wrap_triton(_sum_slices_kernel)[(-(-n // 1024),)](
+                target, bias if has_bias else target, out, n, n, SPLIT=split, HAS_BIAS=has_bias, BLOCK=1024,
                 num_warps=4)
         return out
 
