@@ -33,6 +33,8 @@ class GpuGate:
         self.admission = admission
         self.family = runtime.family.name
         self.weights = memory.resident_bytes(self.family, runtime.settings)
+        # beyond the weights: CUDA graph pools, which stay on the card even with the weights on the CPU
+        self.held = held_beyond_allocations(runtime.pipeline)
         self.on_cpu = False  # weights moved to CPU to make room for another daemon's job
         self.reserved: set[str] = set()
         self.oom = memory.OomPolicy()
@@ -42,7 +44,7 @@ class GpuGate:
         self._status_lock = threading.Lock()
         self._move_lock = threading.Lock()
         if admission is not None:
-            admission.set_resident(self.weights, self._offloadable())
+            admission.set_resident(self.weights + self.held, self._offloadable())
             self._heartbeat = admission.start_heartbeat()
 
     def _offloadable(self) -> int:
@@ -121,16 +123,25 @@ class GpuGate:
         finally:
             self.reserved.discard(request.job_id)
             free_cached_memory()  # what admission now counts as free must be free for the other processes
+            if not self.reserved:  # a job of a new size may have recorded another CUDA graph
+                self._remeasure_held()
             self.admission.release(request.job_id)
 
     def _bring_back(self) -> float:
         started = time.monotonic()
         self.runtime.pipeline.move_to(self.runtime.pipeline.device)
         self.on_cpu = False
-        self.admission.set_resident(self.weights, self._offloadable())
+        self.admission.set_resident(self.weights + self.held, self._offloadable())
         cost = time.monotonic() - started
         log.info("moved %s weights back to the GPU in %.2fs", self.family, cost)
         return cost
+
+    def _remeasure_held(self) -> None:
+        held = held_beyond_allocations(self.runtime.pipeline)
+        if held != self.held:
+            self.held = held
+            base = table_overhead() if self.on_cpu else self.weights
+            self.admission.set_resident(base + held, 0 if self.on_cpu else self._offloadable())
 
     def _offload_if_asked(self) -> None:
         with self._move_lock:
@@ -144,7 +155,7 @@ class GpuGate:
         self.runtime.pipeline.move_to("cpu")
         free_cached_memory()
         self.on_cpu = True
-        self.admission.set_resident(table_overhead(), 0)
+        self.admission.set_resident(table_overhead() + self.held, 0)
         log.info("moved idle %s weights to CPU in %.2fs to make room for another daemon's job",
                  self.family, time.monotonic() - started)
 
@@ -231,6 +242,20 @@ def free_cached_memory() -> None:
 
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def held_beyond_allocations(pipeline) -> int:
+    """GPU memory this process keeps, after handing its cached blocks back, that no live tensor
+    accounts for: the private pools of CUDA graphs (SDXL compiles under them, and so does the chat
+    engine's decode step), which neither empty_cache nor moving the weights to CPU returns. The memory
+    table knows weights and job peaks only, so admission adds this to the daemon's resident bytes."""
+    import torch
+
+    device = getattr(pipeline, "device", None)
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
+        return 0
+    torch.cuda.empty_cache()
+    return max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def table_overhead() -> int:

@@ -111,6 +111,38 @@ def test_an_idle_daemon_moves_its_weights_to_cpu_when_another_job_needs_room(r, 
     assert job.meta["weights_reload_s"] >= 0
 
 
+class GraphPools:
+    """A pipeline stand-in on a CUDA device whose process keeps `pool` bytes of CUDA graph pools: what
+    torch reports as reserved beyond its live tensors after empty_cache."""
+
+    def __init__(self, monkeypatch, pool: int):
+        import torch
+
+        self.device, self.pool, self.moves = torch.device("cuda", 0), pool, []
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 7 * memory.GIB)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 * memory.GIB + self.pool)
+
+    def move_to(self, device):
+        self.moves.append(str(device))
+
+
+def test_cuda_graph_pools_count_as_resident_and_stay_when_the_weights_move_out(r, monkeypatch):
+    pools = GraphPools(monkeypatch, 3 * memory.GIB)
+    idle = gate(r, "sdxl", 100 * memory.GIB, "sdxl-holder", pipeline=pools)
+    holder = lambda: memory.gpu_snapshot(r, idle.admission.key)["holders"]["sdxl-holder"]  # noqa: E731
+    weights = memory.resident_bytes("sdxl", SETTINGS)
+    assert (holder()["resident"], holder()["offloadable"]) == (weights + 3 * memory.GIB, weights)
+    idle._offload()  # the weights go to the CPU; the graph pools do not
+    assert pools.moves == ["cpu"] and holder()["resident"] == memory.table()["process_overhead_bytes"] + 3 * memory.GIB
+    request = FAMILIES["sdxl"].adapt(sdxl_job(1))
+    with idle.hold(request):
+        pools.pool = 5 * memory.GIB  # the job's new size recorded another graph
+    assert pools.moves == ["cpu", "cuda:0"]
+    assert (holder()["resident"], holder()["offloadable"]) == (weights + 5 * memory.GIB, weights)
+
+
 class Recorder:
     """A pipeline stand-in whose setup() records what the card held while it loaded."""
 
