@@ -139,7 +139,7 @@ def compile_sdxl(pipe, opts: AccelOptions) -> str:
     # Static graphs: under torch's default (dynamic=None) a second shape compiles with symbolic sizes, and
     # dynamo, trying the newest graph first, then runs the first shape's jobs on it too (measured after
     # warming 1 and 3 images on an H100: 1-image jobs at 1.31x plain diffusers, 1.8-2x on the static graph).
-    dynamic = True if opts.compile_dynamic else False
+    dynamic = bool(opts.compile_dynamic)
     # CUDA graphs unless the operator says otherwise: default mode launches ~1500 kernels a UNet call from
     # the CPU, and on a slow host that, not the GPU, set the pace (an H100: 1-image jobs 1.32 s against
     # 0.88-0.92 s under CUDA graphs; 6 images in one-image chunks slower than plain diffusers).

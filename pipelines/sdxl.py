@@ -177,7 +177,8 @@ class SdxlPipeline:
 
         self._warm(txt2img_and_img2img, f"at {width}x{height}, {images} image(s) failed, refusing to start "
                                         "(lower GENQ_LIMIT_SDXL_MAX_PIXELS or SDXL_WARMUP_*)")
-        extra = [shape for shape in self.sdxl_settings.warmup_extra if shape != (width, height, images)]
+        # the main shape again only with several images: listed, its batch runs whole instead of in chunks
+        extra = [shape for shape in self.sdxl_settings.warmup_extra if shape != (width, height, images) or images > 1]
         for shape in extra:  # txt2img is enough: img2img runs the same UNet and VAE decoder
             # A listed shape's UNet batch gets a compiled graph of its own (pipelines/unet_batches.py)
             with whole_batches(self.txt2img.unet):

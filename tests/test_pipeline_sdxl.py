@@ -270,9 +270,11 @@ def test_extra_warm_up_shapes_run_at_start_and_size_memory_admission(settings, m
     assert ran == [(64, 64, 1, False), (64, 64, 1, True), (64, 64, 3, False), (72, 64, 1, False)]
 
 
-def test_listed_warm_up_shapes_run_their_unet_batch_whole(settings, monkeypatch):
+@pytest.mark.parametrize("main_images", [None, 3])
+def test_listed_warm_up_shapes_run_their_unet_batch_whole(settings, monkeypatch, main_images):
     """Under GENQ_COMPILE the UNet is chunked (pipelines/unet_batches.py); here the chunker stands in front
-    of the eager forward. A listed shape's batch runs whole, an unlisted image count in one-image chunks."""
+    of the eager forward. A listed shape's batch runs whole, an unlisted image count in one-image chunks;
+    the main warm-up shape listed again (3 images) runs whole too."""
     import pipelines.sdxl as sdxl_module
     from pipelines.unet_batches import chunk_batches
 
@@ -284,7 +286,7 @@ def test_listed_warm_up_shapes_run_their_unet_batch_whole(settings, monkeypatch)
         return ["chunked"]
 
     monkeypatch.setattr(sdxl_module, "accelerate_sdxl", chunked)
-    pipe = SdxlPipeline(settings, SdxlSettings(SDXL_WARMUP_EXTRA="64x64x3"))
+    pipe = SdxlPipeline(settings, SdxlSettings(SDXL_WARMUP_EXTRA="64x64x3", SDXL_WARMUP_IMAGES=main_images))
     pipe.setup()
     batches.clear()
     pipe.run(request(num_images=3, seeds=[1, 2, 3]))
