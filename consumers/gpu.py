@@ -44,8 +44,16 @@ class GpuGate:
         self._status_lock = threading.Lock()
         self._move_lock = threading.Lock()
         if admission is not None:
-            admission.set_resident(self.weights + self.held, self._offloadable())
+            self._report_resident()
             self._heartbeat = admission.start_heartbeat()
+
+    def _report_resident(self) -> None:
+        """What this process holds on the card: its weights (or only the process overhead while they are
+        on the CPU) plus the CUDA graph pools, which never move."""
+        if self.on_cpu:
+            self.admission.set_resident(table_overhead() + self.held, 0)
+        else:
+            self.admission.set_resident(self.weights + self.held, self._offloadable())
 
     def _offloadable(self) -> int:
         return self.weights if hasattr(self.runtime.pipeline, "move_to") else 0
@@ -131,7 +139,7 @@ class GpuGate:
         started = time.monotonic()
         self.runtime.pipeline.move_to(self.runtime.pipeline.device)
         self.on_cpu = False
-        self.admission.set_resident(self.weights + self.held, self._offloadable())
+        self._report_resident()
         cost = time.monotonic() - started
         log.info("moved %s weights back to the GPU in %.2fs", self.family, cost)
         return cost
@@ -140,8 +148,7 @@ class GpuGate:
         held = held_beyond_allocations(self.runtime.pipeline)
         if held != self.held:
             self.held = held
-            base = table_overhead() if self.on_cpu else self.weights
-            self.admission.set_resident(base + held, 0 if self.on_cpu else self._offloadable())
+            self._report_resident()
 
     def _offload_if_asked(self) -> None:
         with self._move_lock:
@@ -155,7 +162,7 @@ class GpuGate:
         self.runtime.pipeline.move_to("cpu")
         free_cached_memory()
         self.on_cpu = True
-        self.admission.set_resident(table_overhead() + self.held, 0)
+        self._report_resident()
         log.info("moved idle %s weights to CPU in %.2fs to make room for another daemon's job",
                  self.family, time.monotonic() - started)
 
