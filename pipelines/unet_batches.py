@@ -19,6 +19,7 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils._pytree import tree_map
 
 UNIT = 2  # one image with classifier-free guidance: what a one-image job runs
 
@@ -50,35 +51,21 @@ class BatchChunks:
 
 def _take(value, rows: torch.Tensor, batch: int):
     """value with every tensor whose first dimension is the batch cut to `rows` (nested dicts, tuples)."""
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, rows) if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return {k: _take(v, rows, batch) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_take(v, rows, batch) for v in value)
-    return value
+    return tree_map(lambda t: t.index_select(0, rows) if _batched(t, batch) else t, value)
+
+
+def _batched(t, batch: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
 
 
 def _copy(value):
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return type(value)(**{k: _copy(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copy(v) for v in value)
-    return value
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
 
 
 def _join(parts: list, batch: int):
-    """The chunks' outputs as one batch (a tensor, a tuple, or diffusers' output dataclass), padding cut."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)[:batch]
-    if isinstance(first, dict):  # diffusers' BaseOutput is an OrderedDict dataclass
-        return type(first)(**{k: _join([p[k] for p in parts], batch) for k in first})
-    if isinstance(first, tuple):
-        return type(first)(_join(list(items), batch) for items in zip(*parts))
-    return first
+    """The chunks' outputs as one batch (a tensor, a tuple, or diffusers' output dataclass, which diffusers
+    registers as a pytree node), padding cut."""
+    return tree_map(lambda *xs: torch.cat(xs)[:batch] if isinstance(xs[0], torch.Tensor) else xs[0], *parts)
 
 
 def chunk_batches(unet, compiled_forward: Callable[..., Any]) -> BatchChunks:
