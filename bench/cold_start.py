@@ -84,7 +84,8 @@ def _compile_report() -> dict:
     import torch
 
     counters = torch._dynamo.utils.counters
-    cache = {k: v for group in ("inductor", "aot_autograd") for k, v in counters[group].items() if "cache" in k}
+    cache = {k: v for group in ("inductor", "aot_autograd", "dynamo_cache") for k, v in counters[group].items()
+             if "cache" in k}
     try:
         phases = {name: round(sum(times), 1) for name, times in torch._dynamo.utils.compilation_time_metrics.items()}
     except AttributeError:  # a torch without the per-phase metrics

@@ -12,6 +12,8 @@ Switches (environment, read by AccelOptions.from_env):
                              inductor's default), max-autotune or max-autotune-no-cudagraphs
   GENQ_COMPILE_DYNAMIC=1     SDXL: one compiled graph with symbolic sizes for every shape (see below)
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
+  GENQ_COMPILE_DYNAMO_CACHE  SDXL, with a cache dir: keep dynamo's traced result there too, so a restart
+                             skips tracing (pipelines/dynamo_cache.py; on unless set to 0)
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
   GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.settings import CompileMode
 
+from . import dynamo_cache
 from .unet_batches import chunk_batches
 
 
@@ -46,6 +49,7 @@ class AccelOptions(BaseModel):
     # pipelines/unet_batches.py) and an unlisted size compiles on first use.
     compile_dynamic: bool = Field(False, validation_alias="GENQ_COMPILE_DYNAMIC")
     cache_dir: str | None = Field(None, validation_alias="GENQ_COMPILE_CACHE_DIR")
+    dynamo_cache: bool = Field(True, validation_alias="GENQ_COMPILE_DYNAMO_CACHE")
     wan_attention_backend: str = Field("_native_cudnn", validation_alias="GENQ_WAN_ATTENTION")
     wan_vae_bf16: bool = Field(False, validation_alias="GENQ_WAN_VAE_BF16")
     # cuDNN autotuning tries algorithms whose workspaces reach tens of GB for each new convolution
@@ -73,8 +77,10 @@ def configure_compile_cache(cache_dir: str | None) -> None:
     if not cache_dir:
         return
     os.makedirs(cache_dir, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache_dir, "triton"))
+    # Assigned, not defaulted: torch writes its default folder into TORCHINDUCTOR_CACHE_DIR the first time
+    # it asks for it (at import of torch._dynamo.package), and startup.sh exports one too.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
@@ -145,13 +151,17 @@ def compile_sdxl(pipe, opts: AccelOptions) -> str:
     # 0.88-0.92 s under CUDA graphs; 6 images in one-image chunks slower than plain diffusers).
     mode = opts.compile_mode or "reduce-overhead"
     raise_recompile_limit(32)  # 3 sizes x 3 image counts in today's contract, and room for more
+    if opts.cache_dir and opts.dynamo_cache:
+        dynamo_cache.enable()  # saved by SdxlPipeline.setup() after its warm-up
+    options = dict(fullgraph=True, mode=mode, dynamic=dynamic)
+    unet = dynamo_cache.cached_compile(dynamo_cache.plain_forward(pipe.unet), **options)
     if dynamic:  # one graph takes every batch: nothing to chunk
-        pipe.unet.compile(fullgraph=True, mode=mode, dynamic=True)
+        pipe.unet.forward = unet
     else:
-        chunk_batches(pipe.unet, torch.compile(pipe.unet.forward, fullgraph=True, mode=mode, dynamic=False))
-    # Decoded one image at a time (pipelines/sdxl.py): one graph per size. In place, so an img2img
-    # pipeline built from txt2img.components decodes through it too.
-    pipe.vae.decoder.compile(fullgraph=True, mode=mode, dynamic=dynamic)
+        chunk_batches(pipe.unet, unet)
+    # Decoded one image at a time (pipelines/sdxl.py): one graph per size. On the module object itself, so
+    # an img2img pipeline built from txt2img.components decodes through it too.
+    pipe.vae.decoder.forward = dynamo_cache.cached_compile(pipe.vae.decoder.forward, **options)
     return f"compile:{mode}:{'dynamic' if dynamic else 'static'}"
 
 

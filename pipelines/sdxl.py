@@ -67,6 +67,7 @@ from schemas.limits import LIMITS
 from schemas.sdxl import SdxlRequest
 from schemas.settings import Settings
 
+from . import dynamo_cache
 from .accel import AccelOptions, accelerate_sdxl
 from .loading import TINY, pick_device, pick_dtype, resolve_model_path, warm_up_or_refuse
 from .tiny_sdxl import build_tiny_sdxl
@@ -150,6 +151,7 @@ class SdxlPipeline:
         applied = accelerate_sdxl(self.txt2img, AccelOptions.from_env())
         log.info("sdxl accel: %s", applied or "off")
         self._warm_up()
+        dynamo_cache.save()  # what the warm-up compiled, so the next start skips tracing (a no-op unless on)
 
     def _load(self, path: Path) -> StableDiffusionXLPipeline:
         common = dict(dtype=self.dtype, local_files_only=True, add_watermarker=False)

@@ -24,24 +24,19 @@ def test_options_come_from_the_environment():
     assert AccelOptions.from_env({"GENQ_COMPILE_MODE": " max-autotune "}).compile_mode == "max-autotune"
     assert AccelOptions.from_env({"GENQ_ACCEL": "", "GENQ_COMPILE": " ", "GENQ_COMPILE_CACHE_DIR": ""}) == AccelOptions()
     assert AccelOptions.from_env({"GENQ_WAN_ATTENTION": ""}).wan_attention_backend == ""  # the library's default
+    assert AccelOptions.from_env({}).dynamo_cache is True
+    assert AccelOptions.from_env({"GENQ_COMPILE_DYNAMO_CACHE": "0"}).dynamo_cache is False
 
 
 @pytest.mark.parametrize("name, value", [("GENQ_ACCEL", "ture"), ("GENQ_COMPILE", "2"),
-                                         ("GENQ_COMPILE_MODE", "reduce_overhead"), ("GENQ_CUDNN_BENCHMARK", "maybe")])
+                                         ("GENQ_COMPILE_MODE", "reduce_overhead"), ("GENQ_CUDNN_BENCHMARK", "maybe"),
+                                         ("GENQ_COMPILE_DYNAMO_CACHE", "sometimes")])
 def test_a_bad_switch_is_refused_naming_its_variable(name, value):
     with pytest.raises(ValueError, match=name):
         AccelOptions.from_env({"GENQ_ACCEL": "1", name: value})
 
 
-class _Compiled:
-    """Records what compile_sdxl asks of Module.compile (which compiles only on CUDA in production)."""
-
-    def __init__(self):
-        self.kwargs = None
-
-    def compile(self, **kwargs):
-        self.kwargs = kwargs
-
+class _Module:
     def forward(self, sample):
         return sample
 
@@ -52,22 +47,30 @@ class _Compiled:
     ("0", "default", False, "default", "compile:default:static"),
     ("1", "", True, "reduce-overhead", "compile:reduce-overhead:dynamic"),  # one symbolic graph for every shape
 ])
-def test_compile_sdxl_compiles_static_graphs_and_chunks_the_unet_batch(dynamic_env, mode_env, dynamic, mode, tag):
+def test_compile_sdxl_compiles_static_graphs_and_chunks_the_unet_batch(monkeypatch, dynamic_env, mode_env, dynamic,
+                                                                      mode, tag):
+    """What compile_sdxl asks of torch.compile (which runs only on CUDA in production)."""
     import torch._dynamo.config as dynamo_config
 
     from pipelines.unet_batches import BatchChunks
 
-    pipe = SimpleNamespace(unet=_Compiled(), vae=SimpleNamespace(decoder=_Compiled()))
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: asked.append((fn, kw)) or ("compiled", fn))
+    pipe = SimpleNamespace(unet=_Module(), vae=SimpleNamespace(decoder=_Module()))
     opts = AccelOptions.from_env({"GENQ_ACCEL": "1", "GENQ_COMPILE": "1", "GENQ_COMPILE_DYNAMIC": dynamic_env,
                                   "GENQ_COMPILE_MODE": mode_env})
     with dynamo_config.patch(recompile_limit=8):
         assert compile_sdxl(pipe, opts) == tag
         assert dynamo_config.recompile_limit == 32
-    assert pipe.vae.decoder.kwargs == {"fullgraph": True, "mode": mode, "dynamic": dynamic}
-    if dynamic:
-        assert pipe.unet.kwargs == {"fullgraph": True, "mode": mode, "dynamic": True}
-    else:  # the forward compiled behind the chunker, Module.compile not used
-        assert isinstance(vars(pipe.unet)["forward"], BatchChunks) and pipe.unet.kwargs is None
+    assert [kw for _, kw in asked] == [{"fullgraph": True, "mode": mode, "dynamic": dynamic}] * 2
+    assert [fn.__func__ for fn, _ in asked] == [_Module.forward] * 2  # the forwards, not Module._call_impl
+    assert [fn.__self__ for fn, _ in asked] == [pipe.unet, pipe.vae.decoder]
+    unet_forward = vars(pipe.unet)["forward"]
+    if dynamic:  # one graph for every batch
+        assert unet_forward == ("compiled", asked[0][0])
+    else:  # the compiled forward behind the chunker
+        assert isinstance(unet_forward, BatchChunks) and unet_forward.forward == ("compiled", asked[0][0])
+    assert vars(pipe.vae.decoder)["forward"] == ("compiled", asked[1][0])
 
 
 @pytest.fixture(scope="module")
