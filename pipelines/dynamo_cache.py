@@ -9,6 +9,9 @@ installs it on the next start: the first call runs without tracing. Torch checks
 and Triton versions, the GPU's name and the source of every traced function before it uses an entry, and
 traces afresh when any differ. What this module adds:
 
+- `enable` makes guard sources pickle only the fields their constructor takes: torch 2.11 also wrote
+  DefaultsSource's derived fields, so no saved entry guarding a default argument could be loaded
+  ("DefaultsSource.__init__() takes from 3 to 4 positional arguments but 6 were given"; fixed in 2.13).
 - `cached_compile` starts dynamo's global-name counter past the names a loaded entry brought in: the
   counter starts at 0 in every process, so a shape first compiled after a cached start (an unlisted size
   in a job) would pick a name the entry already holds and fail ("Name '__builtins_dict___0' already
@@ -25,6 +28,7 @@ process that compiles one model's functions once each (SDXL).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -50,6 +54,7 @@ def enable() -> None:
     """Save and load dynamo's results under the inductor cache folder (set it first:
     accel.configure_compile_cache)."""
     torch._dynamo.config.caching_precompile = True
+    _pickle_constructor_fields_only()
     logger = logging.getLogger("torch._dynamo.guards")
     if not any(isinstance(f, _DroppedGuardNotice) for f in logger.filters):
         logger.addFilter(_DroppedGuardNotice())
@@ -93,6 +98,21 @@ def plain_forward(module: torch.nn.Module) -> Callable[..., Any]:
             and hasattr(forward, "__wrapped__"):
         forward = forward.__wrapped__
     return types.MethodType(forward, module)
+
+
+def _pickle_constructor_fields_only() -> None:
+    import torch._dynamo.source  # noqa: F401  (defines the Source subclasses)
+    from torch._guards import Source
+
+    def reduce(self):
+        return self.__class__, tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init)
+
+    pending = [Source]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if dataclasses.is_dataclass(cls) and any(not f.init for f in dataclasses.fields(cls)):
+            cls.__reduce__ = reduce
 
 
 def _count_past_names(scope: dict) -> None:

@@ -47,9 +47,25 @@ def test_a_damaged_entry_costs_one_compile_not_the_start(tmp_path):
 def test_without_the_switch_nothing_is_written(tmp_path, monkeypatch):
     from pipelines import dynamo_cache
 
-    monkeypatch.setattr(torch._dynamo.config, "caching_precompile", False)
-    dynamo_cache.save()
-    assert not (tmp_path / "dynamo").exists() and not dynamo_cache.enabled()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with torch._dynamo.config.patch(caching_precompile=False):
+        dynamo_cache.save()
+        assert not (tmp_path / "dynamo").exists() and not dynamo_cache.enabled()
+
+
+def test_a_guard_on_a_default_argument_survives_the_round_trip():
+    """torch 2.11 pickled DefaultsSource with its derived fields and could not rebuild it."""
+    import pickle
+
+    from torch._dynamo.source import DefaultsSource, LocalSource
+
+    from pipelines import dynamo_cache
+
+    with torch._dynamo.config.patch(caching_precompile=False):
+        dynamo_cache.enable()
+    for source in (DefaultsSource(LocalSource("fn"), 1), DefaultsSource(LocalSource("fn"), "k", is_kw=True)):
+        again = pickle.loads(pickle.dumps(source))
+        assert again == source and again.name == source.name
 
 
 def test_plain_forward_strips_only_the_lora_scale_decorator():
