@@ -64,12 +64,17 @@ def enabled() -> bool:
     return bool(torch._dynamo.config.caching_precompile)
 
 
-def cached_compile(fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
-    """torch.compile(fn, **options), installing a cached entry for fn when there is one."""
+def cached_compile(fn: Callable[..., Any], *, inference_mode: bool, **options: Any) -> Callable[..., Any]:
+    """torch.compile(fn, **options), installing a cached entry for fn when there is one. inference_mode:
+    whether fn will be called under torch.inference_mode()."""
     if not enabled():
         return torch.compile(fn, **options)
     try:
-        compiled = torch.compile(fn, **options)
+        # A loaded entry's guards expect each tensor's dispatch keys as the thread's mode gives them when
+        # the guards are built, here, not as they were traced: built outside the mode fn runs in, they
+        # would fail on every call and the first call would trace afresh.
+        with torch.inference_mode(inference_mode):
+            compiled = torch.compile(fn, **options)
     except Exception:  # torch itself falls back only on RuntimeError
         log.warning("dynamo cache: the entry for %s could not be installed; deleting it and compiling afresh",
                     _name(fn), exc_info=True)

@@ -103,7 +103,7 @@ class _Plain(torch.nn.Module):
 
 
 def _child(cache: str, rows: list[int], save: bool) -> None:
-    """One daemon start: compile the forward as compile_sdxl does, run each batch size, save."""
+    """One daemon start: compile the forward as compile_sdxl does, run each batch size as a job does, save."""
     from torch._dynamo.utils import counters
 
     from pipelines import dynamo_cache
@@ -112,9 +112,10 @@ def _child(cache: str, rows: list[int], save: bool) -> None:
     configure_compile_cache(cache)
     dynamo_cache.enable()
     net = _Net().eval()
-    compiled = dynamo_cache.cached_compile(dynamo_cache.plain_forward(net), fullgraph=True, dynamic=False)
+    compiled = dynamo_cache.cached_compile(dynamo_cache.plain_forward(net), fullgraph=True, dynamic=False,
+                                           inference_mode=True)
     diffs, traced = {}, {}
-    with torch.no_grad():
+    with torch.inference_mode():  # as SdxlPipeline.run() calls the UNet
         for n in rows:
             before = counters["stats"]["unique_graphs"]
             x = torch.randn(n, 8)
