@@ -25,7 +25,7 @@ def _entries(cache: Path) -> list[Path]:
     return sorted((cache / "dynamo").glob("*/entry"))
 
 
-def test_a_restart_runs_the_saved_graph_without_tracing_and_still_compiles_new_shapes(tmp_path):
+def test_a_restart_runs_the_saved_graph_without_tracing_and_compiles_and_saves_new_shapes(tmp_path):
     first = _start(tmp_path, [2])
     assert (first["traced_graphs"], first["cache"]) == (1, {"dynamo_cache_miss": 1})
     assert len(_entries(tmp_path)) == 1
@@ -33,6 +33,7 @@ def test_a_restart_runs_the_saved_graph_without_tracing_and_still_compiles_new_s
     assert restart["cache"] == {"dynamo_cache_hit": 1}
     assert restart["traced_after"] == {"2": 0, "3": 1}  # the saved shape ran as loaded; a new one compiled
     assert all(diff < 1e-5 for diff in restart["max_abs_diff"].values())  # against the eager module
+    assert _start(tmp_path, [2, 3])["traced_after"] == {"2": 0, "3": 0}  # the new shape was saved with the old
 
 
 def test_a_damaged_entry_costs_one_compile_not_the_start(tmp_path):
