@@ -237,18 +237,20 @@ def test_cancelling_a_queued_and_a_running_job(stack):
     assert steps and steps[-1] < 100  # stopped early, within a step of the request
 
 
-def test_progress_callbacks_are_ordered_throttled_and_stop_before_the_final_one(stack):
+def test_progress_callbacks_are_ordered_and_stop_before_the_final_one(stack):
     job = image_job(config__seed=21, **LONG)
     stack.r.rpush("sdxl_queue", encode(job, 0))
-    stack.run_burst("sdxl", GENQ_PROGRESS_MIN_INTERVAL_S="1.0")
+    # No interval: the first callback would otherwise come one interval into the job, and whether a tiny
+    # job lasts that long depends on this machine. The interval itself is checked on the sender's clock
+    # in tests/test_progress_throttle.py.
+    stack.run_burst("sdxl", GENQ_PROGRESS_MIN_INTERVAL_S="0")
     events = stack.callbacks(job["id"])
     assert events[-1]["status"] == "completed"
     progress = [e for e in events[:-1]]
     assert progress and all(e["status"] == "processing" for e in progress)
     generating = [e["metadata"]["progress"] for e in progress if e["metadata"]["stage"] == "generating"]
     assert generating == sorted(generating) and all(0 <= p <= 100 for p in generating)
-    # Throttled: far fewer than one per step (the interval itself is checked on the sender's clock in
-    # tests/test_progress_throttle.py; arrival gaps at the receiver would add network jitter).
-    assert len(generating) < LONG["config__num_inference_steps"] // 2
+    # the stage's start (0) and at most one a step: never queued up
+    assert len(generating) <= 1 + LONG["config__num_inference_steps"]
     meta = Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_meta()
     assert meta["stage"] == "uploading" or meta["progress"] == 100
