@@ -1,4 +1,4 @@
-"""A restart that skips dynamo's tracing: torch's caching precompile, with the two repairs it needs here.
+"""A restart that skips dynamo's tracing: torch's caching precompile, with the repairs it needs here.
 
 With GENQ_COMPILE_CACHE_DIR alone, a restart finds inductor's code in the cache but dynamo still traces
 the Python of every compiled function again to find which cached graph it is: for the SDXL UNet and VAE
@@ -12,13 +12,14 @@ traces afresh when any differ. What this module adds:
 - `enable` makes guard sources pickle only the fields their constructor takes: torch 2.11 also wrote
   DefaultsSource's derived fields, so no saved entry guarding a default argument could be loaded
   ("DefaultsSource.__init__() takes from 3 to 4 positional arguments but 6 were given"; fixed in 2.13).
-- `cached_compile` starts dynamo's global-name counter past the names a loaded entry brought in: the
+- `cached_compile` builds a loaded entry's guards in the mode the function runs in (SDXL: inference
+  mode): built outside it, every guard failed on the tensors' dispatch keys and the first call traced
+  anyway. It also starts dynamo's global-name counter past the names a loaded entry brought in: the
   counter starts at 0 in every process, so a shape first compiled after a cached start (an unlisted size
   in a job) would pick a name the entry already holds and fail ("Name '__builtins_dict___0' already
   exists in scope", torch 2.11-2.13). An entry that cannot be installed is deleted and the function
   compiled the ordinary way, so a bad cache costs one slower start, never a failed one.
-- `save` writes what this process compiled (call it after the warm-up). A start that loaded an entry and
-  compiled more for the same function keeps the entry it loaded: torch cannot re-save a loaded graph.
+- `save` writes what this process compiled (call it after the warm-up), with the entries it loaded.
 - `plain_forward` strips diffusers' LoRA-scale decorator from a forward: torch cannot rebuild the guards
   on its closure from the cache, and it does nothing unless attention kwargs carry a LoRA scale, which
   genq never passes.
