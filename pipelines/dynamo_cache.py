@@ -19,7 +19,8 @@ traces afresh when any differ. What this module adds:
   in a job) would pick a name the entry already holds and fail ("Name '__builtins_dict___0' already
   exists in scope", torch 2.11-2.13). An entry that cannot be installed is deleted and the function
   compiled the ordinary way, so a bad cache costs one slower start, never a failed one.
-- `save` writes what this process compiled (call it after the warm-up), with the entries it loaded.
+- `save_new` writes what this process compiled, with the entries it loaded, whenever a graph was compiled
+  since the last save: after the warm-up, and after a job that met a new size.
 - `plain_forward` strips diffusers' LoRA-scale decorator from a forward: torch cannot rebuild the guards
   on its closure from the cache, and it does nothing unless attention kwargs carry a LoRA scale, which
   genq never passes.
@@ -40,8 +41,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 log = logging.getLogger(__name__)
+_graphs_saved = 0  # dynamo's count of compiled graphs at the last save_new()
 
 
 class _DroppedGuardNotice(logging.Filter):
@@ -86,12 +89,16 @@ def cached_compile(fn: Callable[..., Any], *, inference_mode: bool, **options: A
     return compiled
 
 
-def save() -> None:
-    """Write this process's compiled functions to the cache (a no-op unless enabled)."""
-    if not enabled():
+def save_new() -> None:
+    """Write this process's compiled functions to the cache if a graph was compiled since the last write
+    (a no-op unless enabled). Call it where no other thread compiles: SdxlPipeline.run() holds the GPU."""
+    global _graphs_saved
+    graphs = counters["stats"]["unique_graphs"]
+    if not enabled() or graphs == _graphs_saved:
         return
     started = time.perf_counter()
     torch.compiler.save_cache_artifacts()
+    _graphs_saved = graphs
     written = sorted(p.name for p in _folder().glob("*/entry")) if _folder().is_dir() else []
     log.info("dynamo cache: %d entries in %s (saved in %.1fs)", len(written), _folder(),
              time.perf_counter() - started)

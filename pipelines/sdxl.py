@@ -151,7 +151,6 @@ class SdxlPipeline:
         applied = accelerate_sdxl(self.txt2img, AccelOptions.from_env())
         log.info("sdxl accel: %s", applied or "off")
         self._warm_up()
-        dynamo_cache.save()  # what the warm-up compiled, so the next start skips tracing (a no-op unless on)
 
     def _load(self, path: Path) -> StableDiffusionXLPipeline:
         common = dict(dtype=self.dtype, local_files_only=True, add_watermarker=False)
@@ -291,7 +290,11 @@ class SdxlPipeline:
             latents = pipe(**args).images
             if not torch.isfinite(latents).all():
                 raise RuntimeError("SDXL denoising produced non-finite latents (fp16 overflow in the UNet?)")
-            return [self._decode(one) for one in latents.split(1)]
+            images = [self._decode(one) for one in latents.split(1)]
+        # A graph compiled by this call (a warm-up, or a job's new size) is stored so later starts load it
+        # instead of tracing; a no-op without GENQ_COMPILE_CACHE_DIR or when nothing was compiled.
+        dynamo_cache.save_new()
+        return images
 
     def _fresh(self, base, scheduler: str):
         """A throw-away pipeline object of base's class around the shared weights, with its own scheduler.

@@ -45,13 +45,27 @@ def test_a_damaged_entry_costs_one_compile_not_the_start(tmp_path):
     assert _start(tmp_path, [2])["traced_after"] == {"2": 0}  # rewritten by the start that compiled
 
 
-def test_without_the_switch_nothing_is_written(tmp_path, monkeypatch):
+def test_save_new_writes_only_when_on_and_after_a_compile(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
     from pipelines import dynamo_cache
 
+    writes = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: writes.append(1))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    with torch._dynamo.config.patch(caching_precompile=False):
-        dynamo_cache.save()
-        assert not (tmp_path / "dynamo").exists() and not dynamo_cache.enabled()
+    stats = counters["stats"]
+    monkeypatch.setattr(dynamo_cache, "_graphs_saved", stats["unique_graphs"])
+    monkeypatch.setitem(stats, "unique_graphs", stats["unique_graphs"])
+    with torch._dynamo.config.patch(caching_precompile=True):
+        dynamo_cache.save_new()  # a job that compiled nothing
+        assert writes == []
+        stats["unique_graphs"] += 1  # a job that met a new size
+        dynamo_cache.save_new()
+        dynamo_cache.save_new()
+        assert writes == [1]
+    stats["unique_graphs"] += 1
+    dynamo_cache.save_new()  # switched off
+    assert writes == [1] and not dynamo_cache.enabled()
 
 
 def test_a_guard_on_a_default_argument_survives_the_round_trip():
@@ -104,7 +118,8 @@ class _Plain(torch.nn.Module):
 
 
 def _child(cache: str, rows: list[int], save: bool) -> None:
-    """One daemon start: compile the forward as compile_sdxl does, run each batch size as a job does, save."""
+    """One daemon start: compile the forward as compile_sdxl does, run each batch size as a job does, then
+    save_new as SdxlPipeline.run() does."""
     from torch._dynamo.utils import counters
 
     from pipelines import dynamo_cache
@@ -123,7 +138,7 @@ def _child(cache: str, rows: list[int], save: bool) -> None:
             diffs[n] = (compiled(x) - net(x)).abs().max().item()
             traced[n] = counters["stats"]["unique_graphs"] - before
     if save:
-        dynamo_cache.save()
+        dynamo_cache.save_new()
     print(json.dumps({"max_abs_diff": diffs, "traced_after": traced,
                       "traced_graphs": counters["stats"]["unique_graphs"], "cache": dict(counters["dynamo_cache"])}))
 
