@@ -10,7 +10,9 @@ compiled decode shapes) and GENQ_COMPILE_CACHE_DIR pointing at an empty folder: 
 compilation and fills the cache. A second process then starts the same way with the cache filled: that is
 the figure the issue asks for (whole start, warm-up included, under 60 s with cached artefacts).
 Each start reports: seconds from process launch to ready, setup() alone, weights on the GPU (from the
-pipeline's own log line), compile-cache bytes. The last SDXL start also times warm jobs of the warm-up
+pipeline's own log line), compile-cache bytes, the compile caches' hits and misses (inductor, AOTAutograd,
+and for SDXL dynamo's own cache: `dynamo_cache_hit` 2 and no graph traced on a cached start) and dynamo's
+time per phase. The last SDXL start also times warm jobs of the warm-up
 size (1024x1024) at 1, 3 and 6 images (the warm-up is 1 image; the others run as one-image chunks of its
 graph) and of any --sdxl-extra shapes (which start warms up too: SDXL_WARMUP_EXTRA) through the daemon's
 run() against the plain diffusers pipeline loaded in the same process, and counts graphs compiled after the
