@@ -152,7 +152,7 @@ def compile_sdxl(pipe, opts: AccelOptions) -> str:
     mode = opts.compile_mode or "reduce-overhead"
     raise_recompile_limit(32)  # 3 sizes x 3 image counts in today's contract, and room for more
     if opts.cache_dir and opts.dynamo_cache:
-        dynamo_cache.enable()  # saved by SdxlPipeline.setup() after its warm-up
+        dynamo_cache.enable()  # saved by SdxlPipeline.run() after each call that compiled (dynamo_cache.save_new)
     options = dict(fullgraph=True, mode=mode, dynamic=dynamic, inference_mode=True)  # as SdxlPipeline.run() calls
     unet = dynamo_cache.cached_compile(dynamo_cache.plain_forward(pipe.unet), **options)
     if dynamic:  # one graph takes every batch: nothing to chunk

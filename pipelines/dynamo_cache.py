@@ -99,8 +99,8 @@ def save_new() -> None:
     started = time.perf_counter()
     torch.compiler.save_cache_artifacts()
     _graphs_saved = graphs
-    written = sorted(p.name for p in _folder().glob("*/entry")) if _folder().is_dir() else []
-    log.info("dynamo cache: %d entries in %s (saved in %.1fs)", len(written), _folder(),
+    folder = _folder()
+    log.info("dynamo cache: %d entries in %s (saved in %.1fs)", len(list(folder.glob("*/entry"))), folder,
              time.perf_counter() - started)
 
 
