@@ -261,7 +261,7 @@ def held_beyond_allocations(pipeline) -> int:
     device = getattr(pipeline, "device", None)
     if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
         return 0
-    torch.cuda.empty_cache()
+    free_cached_memory()
     return max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
