@@ -254,3 +254,15 @@ def test_progress_callbacks_are_ordered_and_stop_before_the_final_one(stack):
     assert len(generating) <= 1 + LONG["config__num_inference_steps"]
     meta = Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_meta()
     assert meta["stage"] == "uploading" or meta["progress"] == 100
+
+
+def test_the_progress_interval_throttles_the_daemons_callbacks(stack):
+    """The interval reaches the daemon: with one far longer than the job, none of its 100 steps sends a
+    progress callback (before, this read "far fewer than one per step" at a 1 s interval, which needed the
+    job to last over a second to see any callback at all)."""
+    job = image_job(config__seed=22, **LONG)
+    stack.r.rpush("sdxl_queue", encode(job, 0))
+    stack.run_burst("sdxl", GENQ_PROGRESS_MIN_INTERVAL_S="3600")
+    assert [e["status"] for e in stack.callbacks(job["id"])] == ["completed"]
+    meta = Job.fetch(job["id"], connection=stack.r, serializer=JSONSerializer).get_meta()
+    assert meta["progress"] == 100  # the job's own meta is not throttled by the callback interval
