@@ -148,7 +148,12 @@ def _family_parts(family: str, settings: Any) -> dict[str, str]:
 def resident_parts(family: str, settings: Any) -> dict[str, int]:
     """Weights each part keeps on the GPU; "tiny" models count as a few MiB."""
     t = table()
-    parts = {part: t["tiny_part_bytes"] if path == "tiny" else t["parts"][part]["bytes"]
+    size = "bytes"
+    if family == "chat":
+        from pipelines.chat_options import BatchOptions  # torch-free
+
+        size = "fp8_bytes" if BatchOptions.from_env().weights == "fp8" else "bytes"
+    parts = {part: t["tiny_part_bytes"] if path == "tiny" else t["parts"][part].get(size, t["parts"][part]["bytes"])
              for part, path in _family_parts(family, settings).items()}
     if family == "chat" and parts and not all(p == "tiny" for p in _family_parts(family, settings).values()):
         pool = chat_kv_pool_bytes()

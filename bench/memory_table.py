@@ -93,8 +93,8 @@ def update(table: dict, results: Path) -> list[str]:
             done.append("jobs.chat")
         if (b := qwen["stages"].get("build")):
             for part in ("qwen_instruct", "qwen_base"):
-                table["parts"][part] = {"bytes": int(b["params_b"] * 1e9 * 2), "dtype": "bfloat16",
-                                        "source": "measured build"}
+                table["parts"][part] = {**table["parts"].get(part, {}), "bytes": int(b["params_b"] * 1e9 * 2),
+                                        "dtype": "bfloat16", "source": "measured build"}  # keeps fp8_bytes
     if done:
         table["status"] = "measured"
         table["gpu"] = ", ".join(sorted(c for c in cards if c))

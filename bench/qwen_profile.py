@@ -90,9 +90,9 @@ _cublas_linear = F.linear
 
 
 def _skinny_or_cublas(x, weight, bias=None):
-    """F.linear through bench/skinny_linear.py's kernels where they take the input (the decode step's
+    """F.linear through pipelines/skinny_linear.py's kernels where they take the input (the decode step's
     products, the prefill's LM head), cuBLAS elsewhere."""
-    from bench import skinny_linear
+    from pipelines import skinny_linear
 
     if x.is_cuda and skinny_linear.supported(x, weight):
         return skinny_linear.linear(x, weight, bias)
@@ -101,11 +101,11 @@ def _skinny_or_cublas(x, weight, bias=None):
 
 def _load_skinny_table(path: str, rows: int) -> None:
     """skinny_linear.TABLE from bench/skinny_gemm.py's JSON: each shape's best config at `rows` rows."""
-    from bench import skinny_linear
+    from pipelines import skinny_linear
 
     stages = json.loads(Path(path).read_text())["stages"]
     for rec in stages.values():
-        if rec.get("rows") == rows and "best" in rec:
+        if rec.get("rows") == rows and rec.get("weights", "bf16") == "bf16" and "best" in rec:
             best = {k: v for k, v in rec["best"].items() if k in skinny_linear.Config._fields}
             skinny_linear.TABLE[(rec["n"], rec["k"])] = skinny_linear.Config(**best)
 

@@ -42,7 +42,7 @@ def available(t: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    from bench.skinny_linear import _sum_slices_kernel
+    from pipelines.skinny_linear import _sum_slices_kernel
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, K_PER_SPLIT, stride_w,
@@ -82,7 +82,7 @@ if triton is not None:
             x, weight, bias if has_bias else x, target, n, k, per_split, weight.stride(0), BLOCK_N=block_n,
             BLOCK_K=block_k, HAS_BIAS=has_bias, PARTIAL=split > 1, num_warps=warps)
         if split > 1:
-            # the partial sums of one row: bench/skinny_linear.py's merge with a single row of n
+            # the partial sums of one row: pipelines/skinny_linear.py's merge with a single row of n
             torch.library.wrap_triton(_sum_slices_kernel)[(-(-n // 1024),)](
                 target, bias if has_bias else target, out, n, n, SPLIT=split, HAS_BIAS=has_bias, BLOCK=1024,
                 num_warps=4)

@@ -172,6 +172,21 @@ def raise_recompile_limit(n: int) -> None:
             setattr(torch._dynamo.config, name, n)
 
 
+def cudagraph_thread_state() -> None:
+    """Give the calling thread the state CUDA graph trees replay from. torch 2.11 sets it up only in the
+    thread that first imports them (a second thread replaying compiled graphs fails an assert in
+    cudagraph_trees.get_obj); torch 2.13 does this itself. Each thread gets its own tree manager."""
+    from collections import defaultdict
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if not hasattr(local, "tree_manager_containers") and not torch._C._is_key_in_tls("tree_manager_containers"):
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = defaultdict(threading.Lock)
+
+
 def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     """Speed up a WAN 2.1 diffusers pipeline in place (per-step results equal within bf16 rounding)."""
     if not opts.enabled:

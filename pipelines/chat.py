@@ -32,6 +32,7 @@ from schemas.errors import PayloadError
 from .accel import AccelOptions
 from .chat_batch import BatchEngine, RowRequest, build_engine, row_request
 from .chat_options import BatchOptions
+from .fp8_linear import check_device, quantise_model
 from .loading import pick_device, pick_dtype, resolve_model_path
 from .tiny_qwen import build_tiny_qwen
 
@@ -157,6 +158,11 @@ class ChatPipeline:
             started = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=str(device)).eval()
             log.info("chat %s weights on %s in %.1fs", key, device, time.perf_counter() - started)  # cold start
+            if self.batching.weights == "fp8":
+                check_device(device)
+                replaced = quantise_model(model)
+                log.info("chat %s: %d linear layers in FP8 (GENQ_CHAT_WEIGHTS=fp8), weights now %.2f GB",
+                         key, replaced, sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9)
             limit = min(self._context_limit or 2**62, int(model.config.max_position_embeddings))
             name = f"tiny-{key}" if path == "tiny" else Path(str(folder)).name
             loaded = LoadedModel(key, name, model, tokenizer, limit, device)

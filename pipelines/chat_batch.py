@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .accel import configure_compile_cache
+from .accel import configure_compile_cache, cudagraph_thread_state
 from .decode_batch import DecodeBatch, DecodeRow, Sampling
 from .decoder import FastDecoder, UnsupportedModel
 from .chat_options import BatchOptions
@@ -280,6 +280,7 @@ class BatchEngine:
         device = next(iter(self.models.values())).decoder.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            cudagraph_thread_state()  # a second engine's thread (bench/qwen.py --weights fp8) replays too
         try:
             with torch.inference_mode():
                 while (work := self._next()) is not None:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # settings parse without torch.
 AttentionMode = Literal["auto", "packed", "matmul", "split", "repeat"]
 ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
+# The served models' linear layers: "as-loaded" (bf16 on CUDA), or "fp8", e4m3 with a scale per output
+# feature (pipelines/fp8_linear.py): half the bytes, an approximation of the weights (docs/CHAT.md).
+WeightsMode = Literal["as-loaded", "fp8"]
 # Switches that also take "auto" (or nothing): their default, which for the first two depends on the device
 _AUTO = {"GENQ_CHAT_BATCH", "GENQ_CHAT_COMPILE", "GENQ_CHAT_TUNE_SINGLE_ROW", "GENQ_CHAT_WARMUP"}
 
@@ -53,6 +56,7 @@ class BatchOptions(BaseModel):
     # "auto": +7% one-row tok/s on an H200 with greedy steps agreeing with the uncached forward as often
     # as "packed" does there (docs/PERFORMANCE.md); batches run "packed" either way.
     attention: AttentionMode = Field("auto", validation_alias="GENQ_CHAT_ATTENTION")
+    weights: WeightsMode = Field("as-loaded", validation_alias="GENQ_CHAT_WEIGHTS")
     # None: 1x2048, max_batch x 1024, max_batch x 4096; () ("none"): no warm-up
     warmup: tuple[tuple[int, int], ...] | None = Field(None, validation_alias="GENQ_CHAT_WARMUP")
 

@@ -8,14 +8,16 @@ No second copy of the weights: the fused tensor is built once per layer and the 
 become views into it, so the model's own forward (generate(), the prefill check in bench/qwen.py),
 its state_dict and `.to()` keep working on the one copy. A `.to()` (the daemon parks idle weights on
 the CPU) gives the parameters new, separate tensors; `FusedProjections.layers` notices and fuses again.
+FP8 projections (pipelines/fp8_linear.py) fuse the same way, their scales stacked beside the weights.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .fp8_linear import Fp8Linear, linear
 
 # MLP classes known to compute down_proj(act_fn(gate_proj(x)) * up_proj(x)); any other keeps its forward.
 _GATED_MLPS = {"Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP"}
@@ -27,35 +29,41 @@ class FusedLayer(NamedTuple):
     qkv: torch.Tensor | None = None
     qkv_bias: torch.Tensor | None = None
     qkv_sizes: tuple[int, ...] = ()
+    qkv_scale: torch.Tensor | None = None  # FP8 weights (pipelines/fp8_linear.py): per output feature
     gate_up: torch.Tensor | None = None
     gate_up_bias: torch.Tensor | None = None
     gate_up_sizes: tuple[int, ...] = ()
+    gate_up_scale: torch.Tensor | None = None
 
 
 def _fusable(mods: Sequence[nn.Module]) -> bool:
-    # Exactly nn.Linear over plain parameters: a quantised (bitsandbytes subclasses nn.Linear, torchao
-    # swaps the weight's class), LoRA-wrapped, hooked or offloaded (accelerate: hooks, meta weights)
-    # projection computes something other than F.linear on its .weight.
+    # Exactly nn.Linear (or genq's own Fp8Linear) over plain parameters: a quantised (bitsandbytes
+    # subclasses nn.Linear, torchao swaps the weight's class), LoRA-wrapped, hooked or offloaded
+    # (accelerate: hooks, meta weights) projection computes something other than F.linear on its .weight.
     def plain(m):
         w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-        return (type(m) is nn.Linear and type(w) is nn.Parameter and w.is_floating_point() and w.dim() == 2
-                and w.device.type != "meta" and (b is None or type(b) is nn.Parameter)
+        return (type(m) in (nn.Linear, Fp8Linear) and type(w) is nn.Parameter and w.is_floating_point()
+                and w.dim() == 2 and w.device.type != "meta" and (b is None or type(b) is nn.Parameter)
                 and not m._forward_hooks and not m._forward_pre_hooks and "forward" not in vars(m))
     if not all(plain(m) for m in mods):
         return False
-    w0 = mods[0].weight
-    return all(m.weight.dtype == w0.dtype and m.weight.device == w0.device and m.weight.shape[1] == w0.shape[1]
-               and (m.bias is None) == (mods[0].bias is None) for m in mods)
+    m0 = mods[0]
+    return all(type(m) is type(m0) and m.weight.dtype == m0.weight.dtype and m.weight.device == m0.weight.device
+               and m.weight.shape[1] == m0.weight.shape[1] and (m.bias is None) == (m0.bias is None) for m in mods)
 
 
-def _fuse(mods: Sequence[nn.Module]):
-    """(weight, bias, output sizes) of the modules stacked, their parameters now views of the stack."""
+def _fuse(mods: Sequence[nn.Module], name: str) -> dict:
+    """The modules' weights (bias, FP8 scales) stacked as FusedLayer fields `name`, `name_bias`, ...;
+    their parameters now views of the stack."""
     # Plain tensors even when called under inference_mode (generate(), warm()): inference tensors as
     # parameters would refuse a later in-place load_state_dict outside it.
     with torch.inference_mode(False), torch.no_grad():
-        weight = _stack([m.weight for m in mods])
-        bias = None if mods[0].bias is None else _stack([m.bias for m in mods])
-    return weight, bias, tuple(m.weight.shape[0] for m in mods)
+        parts = {name: _stack([m.weight for m in mods]), f"{name}_sizes": tuple(m.weight.shape[0] for m in mods)}
+        if mods[0].bias is not None:
+            parts[f"{name}_bias"] = _stack([m.bias for m in mods])
+        if isinstance(mods[0], Fp8Linear):
+            parts[f"{name}_scale"] = _stack([m.weight_scale for m in mods])
+    return parts
 
 
 def _stack(params: list[nn.Parameter]) -> torch.Tensor:
@@ -128,15 +136,15 @@ class FusedProjections:
         attn, ffn, parts = layer.self_attn, layer.mlp, {}
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         if _fusable(qkv):
-            parts.update(zip(("qkv", "qkv_bias", "qkv_sizes"), _fuse(qkv)))
+            parts.update(_fuse(qkv, "qkv"))
         if type(ffn).__name__ in _GATED_MLPS and _fusable([ffn.gate_proj, ffn.up_proj]):
-            parts.update(zip(("gate_up", "gate_up_bias", "gate_up_sizes"), _fuse([ffn.gate_proj, ffn.up_proj])))
+            parts.update(_fuse([ffn.gate_proj, ffn.up_proj], "gate_up"))
         if self.static:
             # Compiled decode (CUDA graphs) reads these in place instead of copying them into every replay;
             # unguarded, like the KV pool: after a rebuild the graphs see new addresses and re-record
             # (never replay onto freed memory) instead of compiling again.
-            for t in (parts.get("qkv"), parts.get("qkv_bias"), parts.get("gate_up"), parts.get("gate_up_bias")):
-                if t is not None:
+            for t in parts.values():
+                if isinstance(t, torch.Tensor):
                     torch._dynamo.mark_static_address(t, guard=False)
         return FusedLayer(**parts)
 
@@ -145,11 +153,11 @@ def project_qkv(attn, h: torch.Tensor, f: FusedLayer):
     """q, k, v of h: one matmul when fused, the model's modules otherwise."""
     if f.qkv is None:
         return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-    return F.linear(h, f.qkv, f.qkv_bias).split(f.qkv_sizes, dim=-1)
+    return linear(h, f.qkv, f.qkv_bias, f.qkv_scale).split(f.qkv_sizes, dim=-1)
 
 
 def mlp(module, h: torch.Tensor, f: FusedLayer) -> torch.Tensor:
     if f.gate_up is None:
         return module(h)
-    gate, up = F.linear(h, f.gate_up, f.gate_up_bias).split(f.gate_up_sizes, dim=-1)
+    gate, up = linear(h, f.gate_up, f.gate_up_bias, f.gate_up_scale).split(f.gate_up_sizes, dim=-1)
     return module.down_proj(module.act_fn(gate) * up)

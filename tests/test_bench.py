@@ -126,7 +126,7 @@ def test_the_qwen_profile_candidates_decode_what_production_decodes():
     ("triton_red_fused__to_copy_add_mean_mm_8", "triton_reduction"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
     ("_attention_partial_kernel", "attention"),  # pipelines/split_kv_attention.py's
-    ("_skinny_kernel", "gemm"),  # bench/skinny_linear.py's
+    ("_skinny_kernel", "gemm"),  # pipelines/skinny_linear.py's
     ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", "conv"),
     ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_bias_TNT", "gemm"),
     ("Memcpy DtoD (Device -> Device)", "copy_or_fill"),

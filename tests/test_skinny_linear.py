@@ -1,4 +1,4 @@
-"""bench/skinny_linear.py's kernels against F.linear, run on this CPU through Triton's interpreter (in a
+"""pipelines/skinny_linear.py's kernels against F.linear, run on this CPU through Triton's interpreter (in a
 child process: the interpreter must be on before Triton compiles anything; fp32, as the interpreter
 computes bf16 as integers)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, torch
 import torch.nn.functional as F
-from bench.skinny_linear import Config, linear
+from pipelines.skinny_linear import Config, linear
 
 out = []
 for rows, n, k, bias, cfg in json.loads(sys.argv[1]):
@@ -55,7 +55,7 @@ def test_skinny_kernels_compute_the_linear_layer_for_up_to_16_rows():
 def test_skinny_linear_refuses_more_rows_than_one_tile():
     import torch
 
-    from bench import skinny_linear
+    from pipelines import skinny_linear
 
     with pytest.raises(ValueError, match="not supported"):
         skinny_linear.linear(torch.zeros(17, 8), torch.zeros(4, 8))

@@ -1,9 +1,5 @@
 """Linear layers of a few rows (a batched decode step): weights streamed once through tensor cores.
 
-A benchmark candidate (bench/skinny_gemm.py alone, bench/qwen_profile.py's `+skinny` inside the decode
-step), not a production path: measured on an H100 it beat cuBLAS by 4-7% on four of the five products
-but gained 2.5% in the 16-row step, inside the profile's spread (docs/PERFORMANCE.md, fourth session).
-
 A 16-row decode step of Qwen 2.5 7B reads 14 GB of weights for 16 x 15 GFLOP: bound by memory bandwidth,
 yet cuBLAS's kernels for these shapes read the weights at 67-81% of an H100's bandwidth
 (bench/qwen_profile.py --rows 16). Here each program owns a block of output features, walks K (or one
@@ -11,6 +7,13 @@ slice of it) and multiplies the weight tile against all the rows at once (`tl.do
 16); with `split` > 1 the slices' fp32 partial sums are added by a second kernel in a fixed order, so
 the result is the same every run. The launch shape is data (`Config`), chosen per weight shape by
 bench/skinny_gemm.py.
+
+Two uses. With FP8 weights and a per-output-feature scale (`scale`), each weight tile is read as one
+byte per value and widened to the rows' dtype in registers, the scale applied to the fp32 sums: this is
+the product of pipelines/fp8_linear.py (GENQ_CHAT_WEIGHTS=fp8), half the bytes of bf16. With bf16
+weights it is a benchmark candidate (bench/qwen_profile.py's `+skinny`): on an H100 it beat cuBLAS by
+4-7% on four of five products but gained 2.5% in the 16-row step, inside the profile's spread
+(docs/PERFORMANCE.md, fourth session).
 
 Importing this module needs Triton (it comes with CUDA builds of torch). tests/test_skinny_linear.py runs
 the kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
@@ -39,16 +42,24 @@ class Config(NamedTuple):
 TABLE: dict[tuple[int, int], Config] = {}
 
 
-def config_for(n: int, k: int) -> Config:
-    return TABLE.get((n, k), Config())
+def config_for(n: int, k: int, fp8: bool = False) -> Config:
+    """TABLE's entry for the shape, else for FP8 weights blocks of 64 features x 128 of K (the fastest for
+    every Qwen 2.5 7B projection on an H100, bench/skinny_gemm.py) with K split in up to 4 slices until
+    there are two programs per SM of a 132-SM card; else Config()."""
+    if (n, k) in TABLE or not fp8:
+        return TABLE.get((n, k), Config())
+    programs, split = triton.cdiv(n, 64), 1
+    while split < 4 and programs * split < 264 and k // (2 * split) >= 256:
+        split *= 2
+    return Config(64, 128, split, 4, 4)
 
 
 @triton.jit
-def _skinny_kernel(X, W, Bias, Out, M, N, K, K_SLICE, sx_m, sw_n, so_m, so_s,
-                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
-    """out[m, n] = sum_k x[m, k] w[n, k] over this program's slice of K; the weight tile is the dot's
-    left operand, so blocks of 64+ features use Hopper's wgmma with the rows as its narrow side."""
+def _skinny_kernel(X, W, Scale, Bias, Out, M, N, K, K_SLICE, sx_m, sw_n, so_m, so_s,
+                   HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """out[m, n] = scale[n] * sum_k x[m, k] w[n, k] over this program's slice of K; the weight tile is
+    the dot's left operand, so blocks of 64+ features use Hopper's wgmma with the rows as its narrow side."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,7 +74,11 @@ def _skinny_kernel(X, W, Bias, Out, M, N, K, K_SLICE, sx_m, sw_n, so_m, so_s,
         else:
             w = tl.load(W + rn[:, None] * sw_n + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
         x = tl.load(X + rm[None, :] * sx_m + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < K), other=0.0)
+        if HAS_SCALE:  # FP8 weights: exact in bf16 (3 mantissa bits), so the dot rounds only its sums
+            w = w.to(x.dtype)
         acc = tl.dot(w, x, acc)
+    if HAS_SCALE:  # per output feature: commutes with the sum, so partial slices may carry it too
+        acc = acc * tl.load(Scale + rn, mask=rn < N, other=0.0)[:, None]
     mask = (rn[:, None] < N) & (rm[None, :] < M)
     if PARTIAL:
         tl.store(Out + pid_s * so_s + rm[None, :] * so_m + rn[:, None], acc, mask=mask)
@@ -91,8 +106,8 @@ def _k_slice(k: int, cfg: Config) -> int:
 
 
 @triton_op("genq::skinny_linear", mutates_args={})
-def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int,
-                   split: int, warps: int, stages: int) -> torch.Tensor:
+def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                   block_n: int, block_k: int, split: int, warps: int, stages: int) -> torch.Tensor:
     cfg = Config(block_n, block_k, split, warps, stages)
     n, k = weight.shape
     rows = x.reshape(-1, k)
@@ -102,11 +117,11 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     even = n % block_n == 0 and k % k_slice == 0
     partial = split > 1
     target = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if partial else out
-    has_bias = bias is not None
+    has_bias, has_scale = bias is not None, scale is not None
     wrap_triton(_skinny_kernel)[(triton.cdiv(n, block_n), split)](
-        rows, weight, bias if has_bias else weight, target, m, n, k, k_slice, rows.stride(0), weight.stride(0),
-        n, m * n, HAS_BIAS=has_bias, PARTIAL=partial, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=even, num_warps=warps, num_stages=stages)
+        rows, weight, scale if has_scale else weight, bias if has_bias else weight, target, m, n, k, k_slice,
+        rows.stride(0), weight.stride(0), n, m * n, HAS_SCALE=has_scale, HAS_BIAS=has_bias, PARTIAL=partial,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, num_warps=warps, num_stages=stages)
     if partial:
         block = 1024
         wrap_triton(_sum_slices_kernel)[(triton.cdiv(m * n, block),)](
@@ -115,17 +130,27 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.reshape(*x.shape[:-1], n)
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+FP8_WEIGHTS = (torch.float8_e4m3fn,)
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
     """Inputs the kernels take: at most MAX_ROWS rows, a 2-D weight with unit stride along K, x's rows
-    contiguous along K, one floating dtype."""
+    contiguous along K, a floating x; the weight of x's dtype, or FP8 with an fp32 scale per output feature."""
+    if scale is None:
+        same = x.dtype == weight.dtype
+    else:
+        same = (weight.dtype in FP8_WEIGHTS and scale.dtype == torch.float32 and scale.shape == weight.shape[:1]
+                and scale.is_contiguous())
     return (x.numel() // max(1, x.shape[-1]) <= MAX_ROWS and weight.dim() == 2 and weight.stride(1) == 1
-            and x.stride(-1) == 1 and x.dtype == weight.dtype and x.dtype.is_floating_point)
+            and x.stride(-1) == 1 and x.dtype.is_floating_point and same)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           cfg: Config | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for at most MAX_ROWS rows of x (any leading shape), through the kernels;
-    `cfg` defaults to the weight shape's entry in TABLE."""
-    if not supported(x, weight):
-        raise ValueError(f"skinny_linear: x {tuple(x.shape)} / weight {tuple(weight.shape)} not supported")
-    return torch.ops.genq.skinny_linear(x, weight, bias, *(cfg or config_for(*weight.shape)))
+           cfg: Config | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight * scale[:, None], bias) for at most MAX_ROWS rows of x (any leading shape),
+    through the kernels; `cfg` defaults to the weight shape's entry in TABLE."""
+    if not supported(x, weight, scale):
+        raise ValueError(f"skinny_linear: x {tuple(x.shape)} {x.dtype} / weight {tuple(weight.shape)} "
+                         f"{weight.dtype} not supported")
+    return torch.ops.genq.skinny_linear(x, weight, scale, bias,
+                                        *(cfg or config_for(*weight.shape, fp8=scale is not None)))
