@@ -38,6 +38,31 @@ def test_each_benchmark_runs_every_stage_and_writes_its_summary(tmp_path, name, 
     assert report["env"]["card"] == "cpu"
 
 
+def test_qwen_with_fp8_weights_runs_the_engine_again_and_measures_the_difference(tmp_path):
+    done = run_bench("bench.qwen", tmp_path, "--runs", "1", "--device", "cpu", "--weights", "fp8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "qwen_tiny.json").read_text())
+    assert report["errors"] == {}
+    stages = report["stages"]
+    assert stages["fp8_quantise"]["replaced_layers"] > 0 and "equality_fp8" in stages
+    assert stages["engine_setup_fp8"]["weights_gb"] <= stages["engine_setup"]["weights_gb"]
+    fp8 = report["summary"]["fp8"]
+    assert fp8["engine_3streams_tok_s"] > 0 and 0 < fp8["difference"]["logits"]["rel_l2"] < 0.5
+
+
+def test_skinny_gemm_times_fp8_weights_against_bf16_cublas(tmp_path):
+    env = {"TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "bench.skinny_gemm", "--tiny", "--device", "cpu", "--rows", "4",
+                           "--weights", "fp8", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = json.loads((tmp_path / "skinny_gemm_tiny.json").read_text())["stages"]
+    assert set(stages) == {"qkv_4rows_fp8", "down_4rows_fp8"}
+    for row in stages.values():
+        assert row["weights"] == "fp8" and row["cublas_us"] > 0 and row["best"]["us"] > 0
+        assert row["rel_l2_vs_dequantised"] < 1e-5 and row["deterministic"]
+
+
 def test_the_profiles_need_a_gpu_and_say_so(tmp_path):
     done = run_bench("bench.sdxl_profile", tmp_path)
     assert done.returncode == 1 and "needs CUDA" in done.stdout

@@ -1,6 +1,6 @@
-"""pipelines/skinny_linear.py's kernels against F.linear, run on this CPU through Triton's interpreter (in a
-child process: the interpreter must be on before Triton compiles anything; fp32, as the interpreter
-computes bf16 as integers)."""
+"""pipelines/skinny_linear.py's kernels against F.linear, with weights of the rows' dtype and FP8 weights,
+run on this CPU through Triton's interpreter (in a child process: the interpreter must be on before
+Triton compiles anything; fp32, as the interpreter computes bf16 as integers)."""
 from __future__ import annotations
 
 import json
@@ -18,28 +18,37 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, torch
 import torch.nn.functional as F
+from pipelines.fp8_linear import dequantise, quantise
 from pipelines.skinny_linear import Config, linear
 
 out = []
-for rows, n, k, bias, cfg in json.loads(sys.argv[1]):
+for rows, n, k, bias, cfg, fp8 in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(rows * 100 + n)
     x = torch.randn(rows, 1, k, generator=g)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    got = linear(x, w, b, Config(*cfg))
-    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    scale = None
+    if fp8:  # e4m3 weights with a scale per output feature, against the same weights dequantised
+        w, scale = quantise(w)
+    got = linear(x, w, b, Config(*cfg), scale=scale)
+    exact = w.double() if scale is None else dequantise(w, scale, torch.float64)
+    ref = F.linear(x.double(), exact, None if b is None else b.double())
     out.append({"shape": list(got.shape), "rel_l2": ((got.double() - ref).norm() / ref.norm()).item(),
-                "same_twice": torch.equal(got, linear(x, w, b, Config(*cfg)))})
+                "same_twice": torch.equal(got, linear(x, w, b, Config(*cfg), scale=scale))})
 print(json.dumps(out))
 """
 
 
 def test_skinny_kernels_compute_the_linear_layer_for_up_to_16_rows():
     cases = [
-        [16, 96, 64, True, [32, 32, 1, 4, 2]],  # one tile of rows, bias added in the kernel
-        [5, 80, 100, False, [32, 32, 1, 4, 2]],  # rows, features and K none a multiple of their block
-        [1, 64, 256, True, [16, 32, 3, 4, 2]],  # K split three ways, slices summed by the second kernel
-        [16, 48, 200, False, [16, 64, 2, 4, 2]],  # a split whose last slice runs past K
+        [16, 96, 64, True, [32, 32, 1, 4, 2], False],  # one tile of rows, bias added in the kernel
+        [5, 80, 100, False, [32, 32, 1, 4, 2], False],  # rows, features and K none a multiple of their block
+        [1, 64, 256, True, [16, 32, 3, 4, 2], False],  # K split three ways, slices summed by the second kernel
+        [16, 48, 200, False, [16, 64, 2, 4, 2], False],  # a split whose last slice runs past K
+        # FP8 weights (GENQ_CHAT_WEIGHTS=fp8): widened in the kernel, the scale on the sums
+        [16, 96, 64, True, [32, 32, 1, 4, 2], True],
+        [5, 80, 100, False, [32, 32, 1, 4, 2], True],
+        [1, 64, 256, True, [16, 32, 3, 4, 2], True],  # split: every slice carries the scale
     ]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=ROOT, env=env,
@@ -59,3 +68,7 @@ def test_skinny_linear_refuses_more_rows_than_one_tile():
 
     with pytest.raises(ValueError, match="not supported"):
         skinny_linear.linear(torch.zeros(17, 8), torch.zeros(4, 8))
+    fp8 = torch.zeros(4, 8).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="not supported"):  # FP8 weights need their fp32 scale per feature
+        skinny_linear.linear(torch.zeros(2, 8), fp8, scale=torch.ones(4, dtype=torch.float64))
+    assert skinny_linear.supported(torch.zeros(2, 8), fp8, torch.ones(4))
