@@ -61,6 +61,17 @@ def test_the_prompt_path_quantises_activations_per_row():
     assert rel(got, want) < 0.05  # the activations' own e4m3 rounding
 
 
+
+def test_a_long_prompt_is_quantised_in_chunks_with_the_same_result(monkeypatch):
+    torch.manual_seed(3)
+    w, x = torch.randn(48, 32), torch.randn(2, 5, 32)
+    q, s = quantise(w)
+    whole = fp8_linear.scaled_mm(x, q, s)
+    monkeypatch.setattr(fp8_linear, "PROMPT_CHUNK", 3)  # 10 rows: chunks of 3, 3, 3 and 1
+    chunked = fp8_linear.scaled_mm(x, q, s)
+    assert chunked.shape == (2, 5, 48) and rel(chunked, whole) < 1e-6  # each row quantised alike
+
+
 def test_quantise_model_rewrites_the_decoder_layers_and_an_untied_head_only():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
