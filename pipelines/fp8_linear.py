@@ -2,13 +2,13 @@
 
 A decode step reads every weight once per token for a few rows of activations: it is bound by memory
 bandwidth, not arithmetic. Stored as float8 e4m3 with one fp32 scale per output feature, a weight is
-half the bytes of bf16 (7.6 GB less for Qwen 2.5 7B) and a step reads half as much. Activations stay in
-the model's dtype: the weight tile is widened in registers and the scale applied to the fp32 sums
-(pipelines/skinny_linear.py), so only the weights are approximated (3 mantissa bits, each row scaled to
-e4m3's largest value, 448); vLLM and text-generation-inference serve the same layout as `fp8`.
+half the bytes of bf16 (7.1 GB less for Qwen 2.5 7B) and a step reads half as much. Each weight keeps 3
+mantissa bits, its row scaled so that the row's largest value becomes e4m3's largest, 448 (the weight
+layout vLLM and text-generation-inference serve as `fp8`).
 
 Which product runs:
-- at most 16 rows on CUDA (a decode step): that kernel, activations untouched;
+- at most 16 rows on CUDA (a decode step): pipelines/skinny_linear.py's kernel, which widens each weight
+  tile in registers and applies the scale to the fp32 sums; activations stay in the model's dtype;
 - more rows on CUDA (a prompt's prefill): e4m3 x e4m3 on tensor cores (`torch._scaled_mm`), each token's
   activations scaled to e4m3 as well (a scale per row), as vLLM's dynamic fp8 does. Widening the weight
   to bf16 for every product instead doubled a 300-token prompt's time to first token on an H200
