@@ -13,9 +13,9 @@ engine output against the argmax of a full uncached forward at every step); opti
 static batch without the engine thread, --batch streams with Qwen Instruct's sampling settings,
 staggered arrivals (rows joining a running batch), a memory grid. With `--weights fp8` the model is then
 quantised in place (pipelines/fp8_linear.py, GENQ_CHAT_WEIGHTS=fp8) and the engine's stages run again
-(suffix `_fp8`; the optional stages and the memory grid are left out), followed by `fp8_difference`: the FP8 model's logits against the bf16 model's over the
-same sequence (the prompt and the bf16 engine's greedy tokens, teacher-forced), and how far the two
-engines' greedy tokens agree.
+(suffix `_fp8`; the optional stages and the memory grid are left out), followed by `fp8_difference`:
+the FP8 model's logits against the bf16 model's over the same sequence (the prompt and the bf16
+engine's greedy tokens, teacher-forced), and how far the two engines' greedy tokens agree.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _stats(values: list[float]) -> dict:
             "max": round(max(values), 4)}
 
 
-def fp8_weights(rep: Report, st: dict, model, dev: str) -> None:
+def fp8_weights(rep: Report, model, dev: str) -> None:
     """Quantise the model in place, as the daemon does with GENQ_CHAT_WEIGHTS=fp8."""
     from pipelines.fp8_linear import quantise_model
 
@@ -82,7 +82,8 @@ def main() -> None:
                                                            choices=ATTENTION_MODES),
                                            ap.add_argument("--hf-static", action="store_true",
                                                            help="also time generate(cache_implementation='static')"),
-                                           ap.add_argument("--weights", default="as-loaded", choices=("as-loaded", "fp8"),
+                                           ap.add_argument("--weights", default="as-loaded",
+                                                           choices=("as-loaded", "fp8"),
                                                            help="fp8: the engine again with FP8 weights")))
     dev = args.device
     if args.tiny:
@@ -291,8 +292,8 @@ def main() -> None:
 
     if args.weights != "fp8":
         rep.stage("memory_grid", memory_grid, optional_cost_s=60)
-    if args.weights == "fp8":
-        fp8_weights(rep, st, model, dev)
+    else:
+        fp8_weights(rep, model, dev)
         run_engine("_fp8")
         rep.stage("fp8_difference", lambda: fp8_difference(st, model))
     s = rep.data["stages"]

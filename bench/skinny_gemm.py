@@ -7,11 +7,11 @@ the compiled decode step calls for more than one row) and the Triton kernels ove
 of features, block of K, split, warps, stages). With `fp8` the kernels read e4m3 weights with a scale per
 output feature (pipelines/fp8_linear.py, GENQ_CHAT_WEIGHTS=fp8); cuBLAS stays the bf16 baseline, and
 `torch._scaled_mm` (e4m3 weights and per-row e4m3 activations quantised inside the timed call, rowwise
-scales) is timed beside them; `speedup_vs_cublas` compares times, since the bytes differ. Every figure is a CUDA-graph replay over enough copies of
-the weight that none is read from L2 (a decode step reads 28 layers' weights once each), so launch
-overhead and cache hits do not flatter small kernels. Writes OUT/skinny_gemm.json: GB/s of weight read
-per method, the best config per shape and row count, the top five, and the best config's rel. L2 against
-cuBLAS and whether two calls give the same bits.
+scales) is timed beside them; `speedup_vs_cublas` compares times, since the bytes differ. Every figure
+is a CUDA-graph replay over enough copies of the weight that none is read from L2 (a decode step reads
+28 layers' weights once each), so launch overhead and cache hits do not flatter small kernels. Writes
+OUT/skinny_gemm.json: GB/s of weight read per method, the best config per shape and row count, the top
+five, and the best config's rel. L2 against cuBLAS and whether two calls give the same bits.
 """
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def _shape(name: str, n: int, k: int, bias: bool, rows: int, fp8: bool, args, re
 
     cublas_s = graph_time(each(F.linear, [(w,) for w in ws]), reps, device) / copies
     row["cublas_gbs"] = round(bf16_bytes / cublas_s / 1e9, 1)  # bf16 weights either way
-    kernel_weights = [(w,) for w in ws]
+    row["cublas_us"] = round(cublas_s * 1e6, 1)
+    kernel_weights = [fp8_linear.quantise(w) if fp8 else (w,) for w in ws]
     if fp8:
-        kernel_weights = [fp8_linear.quantise(w) for w in ws]
         del ws[1:]  # the bf16 copies were only for cuBLAS: room for the e4m3 ones
         if device == "cuda":
             try:
@@ -71,7 +71,6 @@ def _shape(name: str, n: int, k: int, bias: bool, rows: int, fp8: bool, args, re
                 row["scaled_mm_speedup_vs_cublas"] = round(cublas_s * 1e6 / row["scaled_mm_us"], 3)
             except Exception as exc:  # noqa: BLE001  recorded: _scaled_mm's shape rules vary by release
                 row["scaled_mm_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    row["cublas_us"] = round(cublas_s * 1e6, 1)
 
     def kernel(cfg):
         if fp8:
