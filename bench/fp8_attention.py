@@ -1,13 +1,14 @@
 """Self-attention at WAN's (and SDXL's) shapes: cuDNN's bf16 flash kernel against pipelines/fp8_attention.py.
 
-    python -m bench.fp8_attention [--tiny] [--shapes wan,sdxl64,sdxl32] [--out DIR] [--budget-s S]
+    python -m bench.fp8_attention [--tiny] [--shapes wan,sdxl64,sdxl32] [--variants int8,fp8]
+                                  [--out DIR] [--budget-s S]
 
 Per shape: SDPA in bf16 with the cuDNN and flash backends (what diffusers' `_native_cudnn` and `native`
-run), the FP8 kernel alone on quantised operands over a sweep of Config, and the whole FP8 path
-(quantisation and kernel) eager and compiled, in TFLOP/s of the exact product (4 S^2 H D per batch
-entry). Every time is a CUDA-graph replay (bench.harness.graph_time). The difference of each bf16 and FP8
-result from an fp32 reference is measured on Gaussian inputs and on "peaked" ones (queries x4: a sharper
-softmax, as trained models have). Writes OUT/fp8_attention.json.
+run), then per variant (Q K^T in int8 or fp8) the kernel alone on quantised operands, the whole path (quantisation and kernel)
+eager and compiled, and the difference from an fp32 reference on Gaussian inputs and on "peaked" ones
+(queries x4: a sharper softmax, as trained models have). The first variant sweeps every Config; the
+others try its five best. Times are CUDA-graph replays (bench.harness.graph_time), in TFLOP/s of the
+exact product (4 S^2 H D per batch entry). Writes OUT/fp8_attention.json.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def configs(tiny: bool):
     if tiny:
         yield Config(64, 64, 4, 1)
         return
-    for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
-        yield Config(bm, bn, warps, stages)
+    for bm, bn, warps, stages in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)):
+        if bm * bn <= 128 * 128 or warps == 8:  # a 64x256 or 128x256 score tile needs 8 warps' registers
+            yield Config(bm, bn, warps, stages)
 
 
 def _sdpa(backend):
@@ -51,71 +53,93 @@ def _reference(q, k, v):
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-def _shape(name, shape, args, report: Report, device: str) -> dict:
-    from pipelines import fp8_attention as fa
+class _Shape:
+    def __init__(self, shape, args, report: Report, device: str):
+        b, s, h, d = shape
+        self.args, self.report, self.device, self.tokens = args, report, device, s
+        self.flop = 4 * b * s * s * h * d
+        g = torch.Generator(device).manual_seed(0)
+        self.qkv = [torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3)]
+        self.reps = 1 if args.tiny else 5
+        self.row = {"batch": b, "tokens": s, "heads": h, "head_dim": d, "tflop": round(self.flop / 1e12, 2)}
 
-    b, s, h, d = shape
-    flop = 4 * b * s * s * h * d
-    g = torch.Generator(device).manual_seed(0)
-    dtype = torch.bfloat16
-    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype, generator=g) for _ in range(3))
-    reps = 1 if args.tiny else 5
-    row = {"batch": b, "tokens": s, "heads": h, "head_dim": d, "tflop": round(flop / 1e12, 2)}
-    tflops = lambda sec: round(flop / sec / 1e12, 1)  # noqa: E731
+    def tflops(self, sec: float) -> float:
+        return round(self.flop / sec / 1e12, 1)
 
-    def timed(label, fn):
+    def timed(self, label: str, fn, into: dict) -> float | None:
         try:
-            sec = graph_time(fn, reps, device) / reps
+            sec = graph_time(fn, self.reps, self.device)
         except Exception as exc:  # noqa: BLE001  a backend this build or card lacks: recorded, not fatal
-            row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            into[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             return None
-        row[f"{label}_ms"], row[f"{label}_tflop_s"] = round(sec * 1e3, 3), tflops(sec)
+        into[f"{label}_ms"], into[f"{label}_tflop_s"] = round(sec * 1e3, 3), self.tflops(sec)
         return sec
 
-    if device == "cuda":
-        base = timed("cudnn_bf16", lambda: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v))
-        timed("flash_bf16", lambda: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v))
-    else:
-        base = timed("math_bf16", lambda: _sdpa(SDPBackend.MATH)(q, k, v))
-    x = fa.quantise(q, k, v)
-    results = []
-    for cfg in configs(args.tiny):
-        if report.elapsed() > args.budget_s:
-            row["sweep_cut_by_budget"] = True
-            break
-        try:
-            sec = graph_time(lambda: torch.ops.genq.fp8_attention(*x, s, dtype, *cfg), reps, device) / reps
-        except Exception as exc:  # noqa: BLE001  registers or shared memory out of reach: skip the config
-            row.setdefault("failed_configs", []).append([*cfg, f"{type(exc).__name__}"])
-            continue
-        results.append((sec, cfg))
-    results.sort(key=lambda item: item[0])
-    row["kernel_top"] = [{**c._asdict(), "ms": round(t * 1e3, 3), "tflop_s": tflops(t)} for t, c in results[:5]]
-    best = results[0][1] if results else fa.Config()
-    row["best_config"] = best._asdict()
-    eager = timed("fp8_eager_path", lambda: fa.attention(q, k, v, cfg=best))
-    compiled_fn = torch.compile(lambda q, k, v: fa.attention(q, k, v, cfg=best)) if device == "cuda" else None
-    path = timed("fp8_compiled_path", lambda: compiled_fn(q, k, v)) if compiled_fn else eager
-    if base and results:
-        row["kernel_speedup_vs_base"] = round(base / results[0][0], 3)
-        row["path_speedup_vs_base"] = round(base / min(t for t in (eager, path) if t), 3)
-    # differences from fp32, on Gaussian inputs and on sharper softmaxes
-    base_fn = _sdpa(SDPBackend.CUDNN_ATTENTION if device == "cuda" else SDPBackend.MATH)
-    for label, qq in (("gaussian", q), ("peaked_x4", q * 4)):
-        ref = _reference(qq, k, v)
-        row[f"diff_{label}"] = {"bf16_sdpa": compare(ref, base_fn(qq, k, v)),
-                                "fp8": compare(ref, fa.attention(qq, k, v, cfg=best)),
-                                "fp8_operands_only": compare(ref, fa.reference(fa.quantise(qq, k, v), s))}
-    return row
+    def sweep(self, x, cfgs, into: dict) -> list:
+        results = []
+        for cfg in cfgs:
+            if self.report.elapsed() > self.args.budget_s:
+                into["sweep_cut_by_budget"] = True
+                break
+            try:
+                sec = graph_time(lambda: torch.ops.genq.fp8_attention(*x, self.tokens, torch.bfloat16, *cfg),
+                                 self.reps, self.device)
+            except Exception as exc:  # noqa: BLE001  registers or shared memory out of reach: skip the config
+                into.setdefault("failed_configs", []).append([*cfg, f"{type(exc).__name__}"])
+                continue
+            results.append((sec, cfg))
+        results.sort(key=lambda item: item[0])
+        into["kernel_top"] = [{**c._asdict(), "ms": round(t * 1e3, 3), "tflop_s": self.tflops(t)} for t, c in results[:5]]
+        return results
+
+    def variant(self, qk: str, cfgs, base: float | None) -> tuple[dict, list]:
+        from pipelines import fp8_attention as fa
+
+        q, k, v = self.qkv
+        row: dict = {}
+        results = self.sweep(fa.quantise(q, k, v, qk=qk), cfgs, row)
+        best = results[0][1] if results else fa.Config()
+        row["best_config"] = best._asdict()
+        run = lambda q, k, v: fa.attention(q, k, v, cfg=best, qk=qk)  # noqa: E731
+        eager = self.timed("path_eager", lambda: run(q, k, v), row)
+        compiled = torch.compile(run) if self.device == "cuda" else None
+        path = self.timed("path_compiled", lambda: compiled(q, k, v), row) if compiled else eager
+        if base and results:
+            row["kernel_speedup_vs_cudnn"] = round(base / results[0][0], 3)
+            row["path_speedup_vs_cudnn"] = round(base / min(t for t in (eager, path) if t), 3)
+        for label, qq in (("gaussian", q), ("peaked_x4", q * 4)):
+            row[f"diff_{label}"] = compare(_reference(qq, k, v), run(qq, k, v))
+        return row, results
+
+    def run(self, variants: list[str]) -> dict:
+        q, k, v = self.qkv
+        row = self.row
+        if self.device == "cuda":
+            base = self.timed("cudnn_bf16", lambda: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v), row)
+            self.timed("flash_bf16", lambda: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v), row)
+            base_fn = _sdpa(SDPBackend.CUDNN_ATTENTION)
+        else:
+            base = self.timed("math_bf16", lambda: _sdpa(SDPBackend.MATH)(q, k, v), row)
+            base_fn = _sdpa(SDPBackend.MATH)
+        for label, qq in (("gaussian", q), ("peaked_x4", q * 4)):
+            row[f"diff_{label}_bf16"] = compare(_reference(qq, k, v), base_fn(qq, k, v))
+        top = None
+        for qk in variants:
+            cfgs = list(configs(self.args.tiny)) if top is None else [c for _, c in top[:5]]
+            row[qk], results = self.variant(qk, cfgs, base)
+            top = top or results
+            self.report.save()
+        return row
 
 
 def main():
-    args = parse_args(__doc__, lambda ap: ap.add_argument("--shapes", default="wan,sdxl64,sdxl32"))
+    args = parse_args(__doc__, lambda ap: (ap.add_argument("--shapes", default="wan,sdxl64,sdxl32"),
+                                           ap.add_argument("--variants", default="int8,fp8")))
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     report = Report("fp8_attention", args)
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in args.shapes.split(",")}
     for name, shape in shapes.items():
-        report.stage(name, lambda: _shape(name, shape, args, report, device))
+        report.stage(name, lambda: _Shape(shape, args, report, device).run(args.variants.split(",")))
 
 
 if __name__ == "__main__":

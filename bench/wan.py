@@ -2,7 +2,11 @@
 
 Per-step times come from the step callback (synchronised), so one call yields several step timings.
 
-    python -m bench.wan [--tiny] [--runs 3] [--full-steps 25] [--cache-thresholds 0.2,0.3,0.4]
+    python -m bench.wan [--tiny] [--runs 3] [--full-steps 25] [--cache-thresholds 0.2,0.3,0.4] [--fp8-attention]
+
+With --fp8-attention, after the accelerated stages the self-attention switches to pipelines/fp8_attention.py
+(GENQ_WAN_ATTENTION=fp8, an opt-in approximation) and the per-step time, the difference from the baseline,
+the full job and the step cache at each threshold run again (stages `fp8_*`, `summary.fp8`).
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ def main() -> None:
     args = parse_args(__doc__, lambda ap: (ap.add_argument("--full-steps", type=int, default=25),
                                            ap.add_argument("--check-steps", type=int, default=4),
                                            ap.add_argument("--cache-thresholds", default="0.2,0.3,0.4"),
-                                           ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache")))
+                                           ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache"),
+                                           ap.add_argument("--fp8-attention", action="store_true")))
     accel = import_accel()
     dev, tiny = args.device, args.tiny
     h, w, frames = (32, 32, 5) if tiny else (480, 832, 81)
@@ -120,20 +125,21 @@ def main() -> None:
     rep.stage("accel_levers", lambda: accel.accelerate_wan(pipe, opts))
     rep.stage("accel_per_step", lambda: per_step(steps_timed))
 
-    def check():
+    def check(tolerance: bool = True):
         cap = st["cap"]
         with torch.no_grad():
             out = pipe.transformer(*cap.args, **cap.kwargs)[0]
         lat = call(args.check_steps)
-        return {"transformer_same_input": compare(cap.out, out), f"latents_after_{args.check_steps}_steps":
-                compare(st["ref_latents"], lat), "tolerance": {"transformer_same_input.rel_l2": 2e-2}}
+        res = {"transformer_same_input": compare(cap.out, out), f"latents_after_{args.check_steps}_steps":
+               compare(st["ref_latents"], lat)}
+        return {**res, "tolerance": {"transformer_same_input.rel_l2": 2e-2}} if tolerance else res
 
     rep.stage("equality", check)
     rep.stage("accel_vae_decode_bf16", lambda: timed_decode("bf16_video"))
     rep.stage("vae_decode_equality", lambda: compare(st["ref_video"], st["bf16_video"]))
     rep.stage("memory_accel_1frame", lambda: memory_1frame("accel"), optional_cost_s=30)
 
-    def full(threshold: float | None):
+    def full(threshold: float | None, reference: str = "full_latents"):
         set_wan_step_cache(pipe, threshold)
         try:
             call(2)  # warm-up: hooks change the traced code
@@ -145,14 +151,26 @@ def main() -> None:
             set_wan_step_cache(pipe, None)
         res = {"denoise_s": round(took, 3), "steps": args.full_steps}
         if threshold is None:
-            st["full_latents"] = lat
+            if reference != "full_latents":
+                res["vs_accel_uncached"] = compare(st["full_latents"], lat)
+            st[reference] = lat
         else:
             res["vs_accel_uncached"] = compare(st["full_latents"], lat)
         return res
 
+    thresholds = [float(x) for x in args.cache_thresholds.split(",") if x]
     rep.stage(f"accel_full_{args.full_steps}steps", lambda: full(None), optional_cost_s=60)
-    for thr in [float(x) for x in args.cache_thresholds.split(",") if x]:
+    for thr in thresholds:
         rep.stage(f"accel_stepcache_{thr}", lambda thr=thr: full(thr), optional_cost_s=45)
+    if args.fp8_attention and dev == "cuda":
+        from pipelines.wan_fp8_attention import use_fp8_attention
+
+        rep.stage("fp8_levers", lambda: {"blocks": use_fp8_attention(pipe.transformer)})
+        rep.stage("fp8_per_step", lambda: per_step(steps_timed))
+        rep.stage("fp8_difference", lambda: check(tolerance=False))
+        rep.stage(f"fp8_full_{args.full_steps}steps", lambda: full(None, "fp8_latents"), optional_cost_s=60)
+        for thr in thresholds:
+            rep.stage(f"fp8_stepcache_{thr}", lambda thr=thr: full(thr), optional_cost_s=45)
 
     def text_encoder():
         pipe.to("cpu") if tiny else None
@@ -187,9 +205,14 @@ def main() -> None:
         base_job = est_base + fp32["decode_s"]
         summary[f"job_baseline_{args.full_steps}steps_estimated_s"] = round(base_job, 2)
         for k, v in s.items():
-            if k.startswith("accel_stepcache_") and "denoise_s" in v:
-                summary[f"job_fast_{k.rsplit('_', 1)[1]}_vs_baseline"] = round(
-                    base_job / (v["denoise_s"] + bf16["decode_s"]), 3)
+            if k.startswith(("accel_stepcache_", "fp8_stepcache_", "fp8_full_")) and "denoise_s" in v:
+                kind = "fp8_" if k.startswith("fp8_") else ""
+                name = "uncached" if "_full_" in k else k.rsplit("_", 1)[1]
+                summary[f"job_fast_{kind}{name}_vs_baseline"] = round(base_job / (v["denoise_s"] + bf16["decode_s"]), 3)
+    fp8 = s.get("fp8_per_step")
+    if fp8:
+        summary["fp8"] = {"speedup_per_step_min": ratio(base, fp8), "speedup_per_step_median": ratio(base, fp8, "median_s"),
+                          "vs_accel_per_step": ratio(ours, fp8), "difference": s.get("fp8_difference")}
     rep["summary"] = summary
     print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)
 

@@ -14,7 +14,9 @@ Switches (environment, read by AccelOptions.from_env):
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
   GENQ_COMPILE_DYNAMO_CACHE  SDXL, with a cache dir: keep dynamo's traced result there too, so a restart
                              skips tracing (pipelines/dynamo_cache.py; on unless set to 0)
-  GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default)
+  GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default),
+                             or fp8: self-attention in int8/e4m3 (pipelines/wan_fp8_attention.py, an
+                             approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
   GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
 
@@ -188,7 +190,8 @@ def cudagraph_thread_state() -> None:
 
 
 def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
-    """Speed up a WAN 2.1 diffusers pipeline in place (per-step results equal within bf16 rounding)."""
+    """Speed up a WAN 2.1 diffusers pipeline in place (per-step results equal within bf16 rounding, but with
+    the opt-in GENQ_WAN_ATTENTION=fp8, whose difference bench/wan.py measures)."""
     if not opts.enabled:
         return []
     applied = []
@@ -198,7 +201,13 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     if not _on_cuda(pipe.transformer):
         return applied
     torch.backends.cudnn.benchmark = opts.cudnn_benchmark
-    if opts.wan_attention_backend:
+    if opts.wan_attention_backend == "fp8":
+        from . import wan_fp8_attention
+
+        wan_fp8_attention.check_device(pipe.transformer.device)
+        wan_fp8_attention.use_fp8_attention(pipe.transformer)
+        applied.append("attention:fp8")
+    elif opts.wan_attention_backend:
         pipe.transformer.set_attention_backend(opts.wan_attention_backend)
         applied.append(f"attention:{opts.wan_attention_backend}")
     if opts.compile:
