@@ -19,8 +19,9 @@ What keeps the error small, following SageAttention (int8 Q K^T) and FlashAttent
 - Each block's P V product starts from zero and is added to the fp32 accumulator.
 
 `attention(q, k, v)` takes diffusers' layout ([batch, tokens, heads, head_dim], bf16 or fp16) and returns
-the same. Quantisation is plain torch (inductor fuses it into the producers when compiled); the product
-is one Triton kernel, a torch custom op so compiled graphs call it as one node. Importing needs Triton.
+the same. Two reductions over the tokens (K's mean, V's range) run in torch; one Triton kernel writes
+every quantised operand, a second computes the attention; the whole is one torch custom op, so compiled
+graphs call it as one node. Importing needs Triton.
 tests/test_fp8_attention.py runs the kernel on a CPU through Triton's interpreter.
 """
 from __future__ import annotations
@@ -29,10 +30,8 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -57,33 +56,73 @@ class Quantised(NamedTuple):
 
 
 QK_TYPES = {"int8": (torch.int8, 127.0), "fp8": (FP8, FP8_MAX)}
+CHUNK = 64  # tokens the quantisation kernel holds at once
 
 
-def _scaled(x: torch.Tensor, amax: torch.Tensor, kind: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
-    """x / (amax / top) as `kind` (int8 rounds to nearest), and that scale; amax broadcasts against x."""
-    dtype, top = QK_TYPES[kind]
-    scale = amax.clamp_min(1e-12) / top
-    y = (x / scale).clamp(-top, top)
-    return (y.round() if dtype == torch.int8 else y).to(dtype), scale
+@triton.jit
+def _quantise_kernel(Q, K, V, KMean, VScale, Q8, QS, K8, KS, V8, tokens, padded, sq_b, sq_s, sq_h, sk_b, sk_s, sk_h,
+                     sv_b, sv_s, sv_h, heads, softmax_scale, QK_TOP: tl.constexpr, QK_INT8: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, KBLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: KBLOCK tokens of one (batch, head). Q per token, K (minus its mean) per block, V by its
+    per-channel scale into the tokens-contiguous copy; padded tokens become zeros."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    d = tl.arange(0, HEAD_DIM)
+    mean = tl.load(KMean + bh * HEAD_DIM + d)
+    v_scale = tl.load(VScale + bh * HEAD_DIM + d)
+    k_amax = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+    for c in range(0, KBLOCK, CHUNK):  # pass 1: Q and V, which need no block-wide scale, and K's amax
+        t = blk * KBLOCK + c + tl.arange(0, CHUNK)
+        live = (t < tokens)[:, None]
+        q = tl.load(Q + b * sq_b + h * sq_h + t[:, None] * sq_s + d[None, :], mask=live, other=0.0).to(tl.float32)
+        q_step = tl.maximum(tl.max(tl.abs(q), 1), 1e-12) / QK_TOP
+        q = tl.minimum(tl.maximum(q / q_step[:, None], -QK_TOP), QK_TOP)
+        if QK_INT8:
+            q = tl.floor(q + 0.5)
+        tl.store(Q8 + bh * padded * HEAD_DIM + t[:, None] * HEAD_DIM + d[None, :], q.to(Q8.dtype.element_ty))
+        tl.store(QS + bh * padded + t, q_step * softmax_scale)
+        v = tl.load(V + b * sv_b + h * sv_h + t[:, None] * sv_s + d[None, :], mask=live, other=0.0).to(tl.float32)
+        v = tl.minimum(tl.maximum(v / v_scale[None, :], -448.0), 448.0)
+        tl.store(V8 + bh * HEAD_DIM * padded + d[None, :] * padded + t[:, None], v.to(V8.dtype.element_ty))
+        k = tl.load(K + b * sk_b + h * sk_h + t[:, None] * sk_s + d[None, :], mask=live, other=0.0).to(tl.float32)
+        k_amax = tl.maximum(k_amax, tl.max(tl.where(live, tl.abs(k - mean[None, :]), 0.0), 0))
+    k_step = tl.maximum(tl.max(k_amax, 0), 1e-12) / QK_TOP
+    tl.store(KS + bh * (padded // KBLOCK) + blk, k_step)
+    for c in range(0, KBLOCK, CHUNK):  # pass 2: K on the block's scale (its chunks are in L2 by now)
+        t = blk * KBLOCK + c + tl.arange(0, CHUNK)
+        live = (t < tokens)[:, None]
+        k = tl.load(K + b * sk_b + h * sk_h + t[:, None] * sk_s + d[None, :], mask=live, other=0.0).to(tl.float32)
+        k = tl.where(live, (k - mean[None, :]) / k_step, 0.0)
+        k = tl.minimum(tl.maximum(k, -QK_TOP), QK_TOP)
+        if QK_INT8:
+            k = tl.floor(k + 0.5)
+        tl.store(K8 + bh * padded * HEAD_DIM + t[:, None] * HEAD_DIM + d[None, :], k.to(K8.dtype.element_ty))
 
 
 def quantise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
              qk: str = "int8") -> Quantised:
-    """The kernel's operands from diffusers-layout q, k, v ([B, S, H, D]); token axes padded to KB. `qk`:
-    the type of Q and K, int8 (a step of amax/127 for every value) or fp8 (3 mantissa bits)."""
-    s, d = q.shape[1], q.shape[-1]
-    pad = (0, 0, 0, -s % KB)
-    qf, kf, vf = (F.pad(t.transpose(1, 2).float(), pad) for t in (q, k, v))  # [B, H, S_pad, D]
-    kf = kf - kf[:, :, :s].mean(dim=2, keepdim=True)  # smoothing: one shift per query's scores
-    kf[:, :, s:] = 0  # padded keys stay zero (the kernel masks them)
-    b, h, sp, _ = kf.shape
-    q8, qs = _scaled(qf, qf.abs().amax(-1, keepdim=True), qk)
-    blocks = kf.view(b, h, sp // KB, KB, d)
-    k8, ks = _scaled(blocks, blocks.abs().amax((-1, -2), keepdim=True), qk)
-    v8, vs = _scaled(vf, vf.abs().amax(2, keepdim=True))
+    """The kernel's operands from diffusers-layout q, k, v ([B, S, H, D], last axis contiguous); token axes
+    padded to KB. `qk`: the type of Q and K, int8 (a step of amax/127 for every value) or fp8 (3 mantissa
+    bits). K's mean and V's per-channel range are reductions over the tokens in their own layout (one read
+    each); one kernel then writes every operand."""
+    b, s, h, d = q.shape
+    padded = triton.cdiv(s, KB) * KB
+    dtype, top = QK_TYPES[qk]
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # [B, H, D]: smoothing, one shift per query
+    v_scale = (v.abs().amax(dim=1).float().clamp_min(1e-12) / FP8_MAX).contiguous()
+    q8 = torch.empty((b, h, padded, d), device=q.device, dtype=dtype)
+    k8 = torch.empty_like(q8)
+    v8 = torch.empty((b, h, d, padded), device=q.device, dtype=FP8)
+    qs = torch.empty((b, h, padded), device=q.device, dtype=torch.float32)
+    ks = torch.empty((b, h, padded // KB), device=q.device, dtype=torch.float32)
     scale = (softmax_scale if softmax_scale is not None else 1 / math.sqrt(d)) * LOG2E
-    return Quantised(q8, (qs.squeeze(-1) * scale).contiguous(), k8.view(b, h, sp, d), ks.view(b, h, -1).contiguous(),
-                     v8.transpose(-1, -2).contiguous(), vs.view(b, h, d).contiguous())
+    _quantise_kernel[(padded // KB, b * h)](
+        q, k, v, k_mean, v_scale, q8, qs, k8, ks, v8, s, padded, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), h, scale, QK_TOP=top,
+        QK_INT8=dtype == torch.int8, HEAD_DIM=d, KBLOCK=KB, CHUNK=CHUNK, num_warps=4)
+    return Quantised(q8, qs, k8, ks, v8, v_scale)
 
 
 def reference(x: Quantised, tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -150,17 +189,29 @@ def _attention_kernel(Q, QS, K, KS, V, VS, Out, tokens, padded, s_ob, s_oh, s_os
     tl.store(out, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < tokens)
 
 
-@triton_op("genq::fp8_attention", mutates_args={})
-def _fp8_attention(q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
-                   v_scale: torch.Tensor, tokens: int, out_dtype: torch.dtype, block_m: int, block_n: int, warps: int,
-                   stages: int) -> torch.Tensor:
-    b, h, padded, d = q.shape
-    out = torch.empty((b, tokens, h, d), device=q.device, dtype=out_dtype)
-    wrap_triton(_attention_kernel)[(padded // block_m, b * h)](
-        q, q_scale, k, k_scale, v, v_scale, out, tokens, padded, out.stride(0), out.stride(2), out.stride(1), h,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, KBLOCK=KB, QK_INT8=q.dtype == torch.int8,
-        num_warps=warps, num_stages=stages)
+def product(x: Quantised, tokens: int, out_dtype: torch.dtype, cfg: Config = Config()) -> torch.Tensor:
+    """The attention kernel on quantised operands: [B, tokens, H, D] of out_dtype."""
+    b, h, padded, d = x.q.shape
+    out = torch.empty((b, tokens, h, d), device=x.q.device, dtype=out_dtype)
+    _attention_kernel[(padded // cfg.block_m, b * h)](
+        x.q, x.q_scale, x.k, x.k_scale, x.v, x.v_scale, out, tokens, padded, out.stride(0), out.stride(2),
+        out.stride(1), h, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, KBLOCK=KB,
+        QK_INT8=x.q.dtype == torch.int8, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
+
+
+# One opaque op for compiled graphs: inductor fused the quantisation's token-axis reductions into WAN's
+# RoPE and norms as strided loops, 3.4x slower a step than eager (docs/PERFORMANCE.md, seventh session).
+@torch.library.custom_op("genq::fp8_attention", mutates_args=())
+def _fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, qk: str, block_m: int,
+                   block_n: int, warps: int, stages: int) -> torch.Tensor:
+    x = quantise(q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale, qk)
+    return product(x, q.shape[1], q.dtype, Config(block_m, block_n, warps, stages))
+
+
+@_fp8_attention.register_fake
+def _(q, k, v, softmax_scale, qk, block_m, block_n, warps, stages):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -185,5 +236,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
         raise ValueError(f"fp8_attention: {why}")
     if KB % cfg.block_n or KB % cfg.block_m:
         raise ValueError(f"fp8_attention: blocks {cfg.block_m}x{cfg.block_n} must divide {KB}")
-    x = quantise(q, k, v, softmax_scale, qk)
-    return torch.ops.genq.fp8_attention(*x, q.shape[1], q.dtype, *cfg)
+    if qk not in QK_TYPES:
+        raise ValueError(f"fp8_attention: qk {qk!r} is not one of {sorted(QK_TYPES)}")
+    scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(q.shape[-1])
+    return torch.ops.genq.fp8_attention(q, k, v, scale, qk, *cfg)
