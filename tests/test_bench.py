@@ -63,6 +63,20 @@ def test_skinny_gemm_times_fp8_weights_against_bf16_cublas(tmp_path):
         assert row["rel_l2_vs_dequantised"] < 1e-5 and row["deterministic"]
 
 
+def test_fp8_attention_times_the_kernel_against_bf16_attention_and_measures_its_difference(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.fp8_attention", "--tiny", "--device", "cpu", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "fp8_attention_tiny.json").read_text())
+    assert report["errors"] == {}
+    row = report["stages"]["tiny"]
+    assert row["math_bf16_ms"] > 0 and row["diff_gaussian_bf16"]["rel_l2"] < 0.01
+    for qk in ("int8", "fp8"):
+        assert row[qk]["kernel_top"] and row[qk]["path_eager_ms"] > 0
+        assert 0 < row[qk]["diff_gaussian"]["rel_l2"] < 0.2 and row[qk]["diff_peaked_x4"]["finite"]
+
+
 def test_the_profiles_need_a_gpu_and_say_so(tmp_path):
     done = run_bench("bench.sdxl_profile", tmp_path)
     assert done.returncode == 1 and "needs CUDA" in done.stdout
