@@ -1,7 +1,7 @@
 """WAN's self-attention through pipelines/fp8_attention.py (GENQ_WAN_ATTENTION=fp8, opt-in).
 
-Only the self-attention (attn1 of each block: 32,760 tokens against themselves at 480x832x81, nearly all
-of a step's attention FLOPs) changes. Cross-attention to the 512 text tokens, masked attention and the
+Only the self-attention (attn1 of each block, and of VACE's hint blocks: 32,760 tokens against themselves
+at 480x832x81, nearly all of a step's attention FLOPs) changes. Cross-attention to the 512 text tokens, masked attention and the
 image-to-video branch keep diffusers' processor on the cuDNN backend.
 """
 from __future__ import annotations
@@ -50,9 +50,10 @@ def check_device(device: torch.device) -> None:
 
 
 def use_fp8_attention(transformer, exact_backend: str = EXACT_BACKEND) -> int:
-    """Give every block's self-attention the FP8 processor, the rest `exact_backend`; returns how many."""
+    """Give every block's self-attention the FP8 processor (VACE's hint blocks too), the rest
+    `exact_backend`; returns how many."""
     transformer.set_attention_backend(exact_backend)
-    blocks = transformer.blocks
+    blocks = [*transformer.blocks, *getattr(transformer, "vace_blocks", ())]
     for block in blocks:
         processor = Fp8WanAttnProcessor()
         processor._attention_backend = block.attn1.processor._attention_backend

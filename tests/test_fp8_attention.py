@@ -141,3 +141,16 @@ def test_the_setting_selects_it_and_a_card_without_8_bit_products_is_refused():
     assert AccelOptions.from_env({"GENQ_WAN_ATTENTION": "fp8"}).wan_attention_backend == "fp8"
     with pytest.raises(RuntimeError, match="GENQ_WAN_ATTENTION=fp8"):
         check_device(torch.device("cpu"))
+
+
+def test_vace_hint_blocks_get_the_processor_too():
+    from diffusers import WanVACETransformer3DModel
+
+    from pipelines.tiny_wan import _TRANSFORMER
+    from pipelines.wan_fp8_attention import Fp8WanAttnProcessor, use_fp8_attention
+
+    tr = WanVACETransformer3DModel(**_TRANSFORMER, vace_layers=[0, 1], vace_in_channels=96)
+    assert use_fp8_attention(tr, "native") == len(tr.blocks) + len(tr.vace_blocks) == 4
+    for block in [*tr.blocks, *tr.vace_blocks]:
+        assert isinstance(block.attn1.processor, Fp8WanAttnProcessor)
+        assert not isinstance(block.attn2.processor, Fp8WanAttnProcessor)  # cross-attention stays exact
