@@ -144,12 +144,13 @@ def _blocks(acc, l_i, m_i, q, qs, K, V, KS, lo, hi, tokens, s_kn, s_vd, offs_n, 
             scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = scores * (qs * tl.load(KS + start // KBLOCK))[:, None]
+        scale = qs * tl.load(KS + start // KBLOCK)  # per query, positive: the row maximum commutes with it
         if MASK:  # only the last blocks hold padded keys
             scores = tl.where(n[None, :] < tokens, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # 2^(8.807) = 448: probabilities span e4m3's range, so small ones keep 3 mantissa bits
-        p = tl.math.exp2(scores - m_new[:, None] + 8.807354922057604)
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * scale)
+        # one multiply-add per score before exp2; 2^(8.807) = 448 spreads the probabilities over e4m3's
+        # range, so small ones keep 3 mantissa bits
+        p = tl.math.exp2(scores * scale[:, None] - (m_new - 8.807354922057604)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_d[None, :] * s_vd + n[:, None])  # [BLOCK_N, D] from the tokens-contiguous copy
@@ -200,8 +201,9 @@ def product(x: Quantised, tokens: int, out_dtype: torch.dtype, cfg: Config = Con
     return out
 
 
-# One opaque op for compiled graphs: inductor fused the quantisation's token-axis reductions into WAN's
-# RoPE and norms as strided loops, 3.4x slower a step than eager (docs/PERFORMANCE.md, seventh session).
+# One opaque op for compiled graphs: quantising in plain torch inside WAN's compiled blocks let inductor
+# fuse the token-axis reductions into RoPE and the norms as strided loops, and a step took 3.4x as long
+# as the exact path's (docs/PERFORMANCE.md, seventh session).
 @torch.library.custom_op("genq::fp8_attention", mutates_args=())
 def _fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, qk: str, block_m: int,
                    block_n: int, warps: int, stages: int) -> torch.Tensor:

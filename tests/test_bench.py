@@ -77,6 +77,16 @@ def test_fp8_attention_times_the_kernel_against_bf16_attention_and_measures_its_
         assert 0 < row[qk]["diff_gaussian"]["rel_l2"] < 0.2 and row[qk]["diff_peaked_x4"]["finite"]
 
 
+def test_wan_step_times_the_baseline_and_the_exact_path_in_one_process(tmp_path):
+    done = run_bench("bench.wan_step", tmp_path, "--runs", "1", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "wan_step_tiny.json").read_text())
+    assert report["errors"] == {}
+    assert report["stages"]["baseline_per_step"]["min_s"] > 0 and report["stages"]["accel_per_step"]["min_s"] > 0
+    assert report["summary"]["speedup_per_step_min"] > 0  # the FP8 stages need CUDA: None here
+    assert report["summary"]["fp8_speedup_per_step_min"] is None
+
+
 def test_the_profiles_need_a_gpu_and_say_so(tmp_path):
     done = run_bench("bench.sdxl_profile", tmp_path)
     assert done.returncode == 1 and "needs CUDA" in done.stdout
