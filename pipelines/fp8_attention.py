@@ -47,9 +47,9 @@ class Config(NamedTuple):
 
 
 class Quantised(NamedTuple):
-    q: torch.Tensor  # [B, H, S_pad, D] e4m3
+    q: torch.Tensor  # [B, H, S_pad, D] int8 (or e4m3, qk="fp8")
     q_scale: torch.Tensor  # [B, H, S_pad] fp32, softmax scale and log2(e) folded in
-    k: torch.Tensor  # [B, H, S_pad, D] e4m3, smoothed
+    k: torch.Tensor  # [B, H, S_pad, D] as q, smoothed
     k_scale: torch.Tensor  # [B, H, S_pad / KB] fp32
     v: torch.Tensor  # [B, H, D, S_pad] e4m3, tokens contiguous (the FP8 product's operand layout)
     v_scale: torch.Tensor  # [B, H, D] fp32
