@@ -1,8 +1,8 @@
 """WAN's self-attention through pipelines/fp8_attention.py (GENQ_WAN_ATTENTION=fp8, opt-in).
 
 Only the self-attention (attn1 of each block, and of VACE's hint blocks: 32,760 tokens against themselves
-at 480x832x81, nearly all of a step's attention FLOPs) changes. Cross-attention to the 512 text tokens, masked attention and the
-image-to-video branch keep diffusers' processor on the cuDNN backend.
+at 480x832x81, nearly all of a step's attention FLOPs) changes. Cross-attention to the 512 text tokens,
+masked attention and the image-to-video branch keep diffusers' processor on the cuDNN backend.
 """
 from __future__ import annotations
 
