@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
+from .fp8_linear import FP8, FP8_MAX
+
 KB = 256  # tokens per K scale, and the padding of every token axis
 LOG2E = 1.4426950408889634
 
@@ -207,7 +207,9 @@ def product(x: Quantised, tokens: int, out_dtype: torch.dtype, cfg: Config = Con
 @torch.library.custom_op("genq::fp8_attention", mutates_args=())
 def _fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, qk: str, block_m: int,
                    block_n: int, warps: int, stages: int) -> torch.Tensor:
-    x = quantise(q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale, qk)
+    # the quantisation kernel reads any strides but needs each token's channels contiguous
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    x = quantise(q, k, v, softmax_scale, qk)
     return product(x, q.shape[1], q.dtype, Config(block_m, block_n, warps, stages))
 
 
