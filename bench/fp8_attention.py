@@ -1,13 +1,14 @@
 """Self-attention at WAN's (and SDXL's) shapes: cuDNN's bf16 flash kernel against pipelines/fp8_attention.py.
 
     python -m bench.fp8_attention [--tiny] [--shapes wan,sdxl64,sdxl32] [--variants int8,fp8]
-                                  [--out DIR] [--budget-s S]
+                                  [--configs 128x128x8x3,64x128x4x4] [--out DIR] [--budget-s S]
 
 Per shape: SDPA in bf16 with the cuDNN and flash backends (what diffusers' `_native_cudnn` and `native`
 run), then per variant (Q K^T in int8 or fp8) the kernel alone on quantised operands, the whole path (quantisation and kernel)
 eager and compiled, and the difference from an fp32 reference on Gaussian inputs and on "peaked" ones
-(queries x4: a sharper softmax, as trained models have). The first variant sweeps every Config; the
-others try its five best. Times are CUDA-graph replays (bench.harness.graph_time), in TFLOP/s of the
+(queries x4: a sharper softmax, as trained models have). The first variant sweeps every Config (or, with
+--configs, the production default and the listed ones: block_m x block_n x warps x stages); the others
+try its five best. Times are CUDA-graph replays (bench.harness.graph_time), in TFLOP/s of the
 exact product (4 S^2 H D per batch entry). Writes OUT/fp8_attention.json.
 """
 from __future__ import annotations
@@ -26,13 +27,19 @@ SHAPES = {"wan": (1, 32760, 12, 128), "sdxl64": (2, 4096, 10, 64), "sdxl32": (2,
 TINY = {"tiny": (1, 200, 2, 32)}
 
 
-def configs(tiny: bool):
+def configs(tiny: bool, listed: str = ""):
     from pipelines.fp8_attention import Config
 
     if tiny:
         yield Config(64, 64, 4, 1)
         return
     yield Config()  # the production default first, so a sweep cut short still times it
+    if listed:
+        for item in listed.split(","):
+            cfg = Config(*(int(n) for n in item.split("x")))
+            if cfg != Config():
+                yield cfg
+        return
     for bm, bn, warps, stages in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)):
         cfg = Config(bm, bn, warps, stages)
         # a 64x256 or 128x256 score tile needs 8 warps' registers
@@ -130,7 +137,7 @@ class _Shape:
             row[f"diff_{label}_bf16"] = compare(_reference(qq, k, v), base_fn(qq, k, v))
         top = None
         for qk in variants:
-            cfgs = list(configs(self.args.tiny)) if top is None else [c for _, c in top[:5]]
+            cfgs = list(configs(self.args.tiny, self.args.configs)) if top is None else [c for _, c in top[:5]]
             row[qk], results = self.variant(qk, cfgs, base)
             top = top or results
             self.report.save()
@@ -139,7 +146,8 @@ class _Shape:
 
 def main():
     args = parse_args(__doc__, lambda ap: (ap.add_argument("--shapes", default="wan,sdxl64,sdxl32"),
-                                           ap.add_argument("--variants", default="int8,fp8")))
+                                           ap.add_argument("--variants", default="int8,fp8"),
+                                           ap.add_argument("--configs", default="")))
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     report = Report("fp8_attention", args)
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in args.shapes.split(",")}

@@ -3,10 +3,13 @@
 Per-step times come from the step callback (synchronised), so one call yields several step timings.
 
     python -m bench.wan [--tiny] [--runs 3] [--full-steps 25] [--cache-thresholds 0.2,0.3,0.4] [--fp8-attention]
+                        [--fp8-linear]
 
 With --fp8-attention, after the accelerated stages the self-attention switches to pipelines/fp8_attention.py
 (GENQ_WAN_ATTENTION=fp8, an opt-in approximation) and the per-step time, the difference from the baseline,
-the full job and the step cache at each threshold run again (stages `fp8_*`, `summary.fp8`).
+the full job and the step cache at each threshold run again (stages `fp8_*`, `summary.fp8`); with
+--fp8-linear as well, those `fp8_*` stages also run the video-token products in e4m3
+(GENQ_WAN_LINEAR=fp8, pipelines/wan_fp8_linear.py).
 """
 from __future__ import annotations
 
@@ -20,15 +23,65 @@ from bench.models import build_umt5, build_wan
 from pipelines.step_cache import set_wan_step_cache
 
 
+def served_shape(tiny: bool) -> tuple[int, int, int]:
+    """(height, width, frames): the contract's largest WAN job, or a tiny one for CPU smoke runs."""
+    return (32, 32, 5) if tiny else (480, 832, 81)
+
+
+class Denoiser:
+    """The pipeline called at the served shape with fixed random prompt embeddings (what the umT5 encoder
+    would hand it), returning latents; per-step times come from the step callback, synchronised."""
+
+    def __init__(self, pipe, dev: str, tiny: bool):
+        self.pipe, self.dev = pipe, dev
+        self.h, self.w, self.frames = served_shape(tiny)
+        g = torch.Generator(dev).manual_seed(0)
+        text = (16, 32) if tiny else (512, 4096)
+        self.emb, self.neg = (torch.randn(1, *text, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
+
+    def __call__(self, steps: int, n_frames: int | None = None, stamps: list | None = None):
+        def on_step(_p, _i, _t, kw):
+            if stamps is not None:
+                sync(self.dev)
+                stamps.append(time.perf_counter())
+            return kw
+        return self.pipe(prompt_embeds=self.emb, negative_prompt_embeds=self.neg, height=self.h, width=self.w,
+                         num_frames=n_frames or self.frames, num_inference_steps=steps, guidance_scale=6.5,
+                         generator=torch.Generator(self.dev).manual_seed(0), output_type="latent",
+                         callback_on_step_end=on_step).frames
+
+    def per_step(self, steps: int) -> dict:
+        """Time of each step after the first of a `steps`-step call, after a 2-step warm-up (and compile)."""
+        self(2)
+        reset_memory(self.dev)
+        stamps: list[float] = []
+        self(steps, stamps=stamps)
+        steps_s = [b - a for a, b in zip(stamps, stamps[1:])]
+        return {"step_s": [round(t, 4) for t in steps_s], "min_s": round(min(steps_s), 4),
+                "median_s": round(statistics.median(steps_s), 4), "frames": self.frames, **memory(self.dev)}
+
+
+def fp8_levers(transformer, linear: bool) -> dict:
+    """GENQ_WAN_ATTENTION=fp8 on an accelerated pipeline, and GENQ_WAN_LINEAR=fp8 with `linear`."""
+    from pipelines.wan_fp8_attention import use_fp8_attention
+    from pipelines.wan_fp8_linear import quantise_video_linears
+
+    levers = {"attention_blocks": use_fp8_attention(transformer)}
+    if linear:
+        levers["fp8_linears"] = quantise_video_linears(transformer)
+    return levers
+
+
 def main() -> None:
     args = parse_args(__doc__, lambda ap: (ap.add_argument("--full-steps", type=int, default=25),
                                            ap.add_argument("--check-steps", type=int, default=4),
                                            ap.add_argument("--cache-thresholds", default="0.2,0.3,0.4"),
                                            ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache"),
-                                           ap.add_argument("--fp8-attention", action="store_true")))
+                                           ap.add_argument("--fp8-attention", action="store_true"),
+                                           ap.add_argument("--fp8-linear", action="store_true")))
     accel = import_accel()
     dev, tiny = args.device, args.tiny
-    h, w, frames = (32, 32, 5) if tiny else (480, 832, 81)
+    h, w, frames = served_shape(tiny)
     if tiny:
         args.full_steps, args.check_steps = 3, 2
     rep = Report("wan", args)
@@ -46,29 +99,9 @@ def main() -> None:
 
     rep.stage("build", build)
     pipe = st["pipe"]
-    g = torch.Generator(dev).manual_seed(0)
-    text_len, text_dim = (16, 32) if tiny else (512, 4096)
-    emb = torch.randn(1, text_len, text_dim, device=dev, dtype=torch.bfloat16, generator=g)
-    neg = torch.randn(1, text_len, text_dim, device=dev, dtype=torch.bfloat16, generator=g)
-
-    def call(steps: int, n_frames: int = frames, stamps: list | None = None):
-        def on_step(_p, _i, _t, kw):
-            if stamps is not None:
-                sync(dev)
-                stamps.append(time.perf_counter())
-            return kw
-        return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=h, width=w, num_frames=n_frames,
-                    num_inference_steps=steps, guidance_scale=6.5, generator=torch.Generator(dev).manual_seed(0),
-                    output_type="latent", callback_on_step_end=on_step).frames
-
-    def per_step(steps: int) -> dict:
-        call(2)  # warm-up (and compilation) at the served shape
-        reset_memory(dev)
-        stamps: list[float] = []
-        call(steps, stamps=stamps)
-        steps_s = [b - a for a, b in zip(stamps, stamps[1:])]
-        return {"step_s": [round(t, 4) for t in steps_s], "min_s": round(min(steps_s), 4),
-                "median_s": round(statistics.median(steps_s), 4), "frames": frames, **memory(dev)}
+    call = Denoiser(pipe, dev, tiny)
+    text_len = call.emb.shape[1]
+    per_step = call.per_step
 
     def decode(latents):
         vae = pipe.vae
@@ -163,9 +196,7 @@ def main() -> None:
     for thr in thresholds:
         rep.stage(f"accel_stepcache_{thr}", lambda thr=thr: full(thr), optional_cost_s=45)
     if args.fp8_attention and dev == "cuda":
-        from pipelines.wan_fp8_attention import use_fp8_attention
-
-        rep.stage("fp8_levers", lambda: {"blocks": use_fp8_attention(pipe.transformer)})
+        rep.stage("fp8_levers", lambda: fp8_levers(pipe.transformer, args.fp8_linear))
         rep.stage("fp8_per_step", lambda: per_step(steps_timed))
         rep.stage("fp8_difference", lambda: check(tolerance=False))
         rep.stage(f"fp8_full_{args.full_steps}steps", lambda: full(None, "fp8_latents"), optional_cost_s=60)

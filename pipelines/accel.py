@@ -17,6 +17,8 @@ Switches (environment, read by AccelOptions.from_env):
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default),
                              or fp8: self-attention in int8/e4m3 (pipelines/wan_fp8_attention.py, an
                              approximation, opt-in; Ada/Hopper cards)
+  GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
+                             (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
   GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
 
@@ -26,7 +28,7 @@ GENQ_CHAT_* (pipelines/chat_batch.py, docs/CHAT.md "Batching").
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +55,7 @@ class AccelOptions(BaseModel):
     cache_dir: str | None = Field(None, validation_alias="GENQ_COMPILE_CACHE_DIR")
     dynamo_cache: bool = Field(True, validation_alias="GENQ_COMPILE_DYNAMO_CACHE")
     wan_attention_backend: str = Field("_native_cudnn", validation_alias="GENQ_WAN_ATTENTION")
+    wan_linear: Literal["bf16", "fp8"] = Field("bf16", validation_alias="GENQ_WAN_LINEAR")
     wan_vae_bf16: bool = Field(False, validation_alias="GENQ_WAN_VAE_BF16")
     # cuDNN autotuning tries algorithms whose workspaces reach tens of GB for each new convolution
     # shape (+35 GiB for a moment in a WAN VAE decode on an H200, beyond any admission budget): only
@@ -189,15 +192,32 @@ def cudagraph_thread_state() -> None:
         local.tree_manager_locks = defaultdict(threading.Lock)
 
 
+def fuse_wan_qkv(transformer) -> int:
+    """One q|k|v product per self-attention (diffusers' fuse_projections; VACE's hint blocks too), the three
+    separate layers dropped so their weights are not held twice; returns how many attentions were fused."""
+    fused = 0
+    for block in [*transformer.blocks, *getattr(transformer, "vace_blocks", ())]:
+        attn = block.attn1
+        if getattr(attn, "fused_projections", False):
+            continue
+        attn.fuse_projections()
+        for name in ("to_q", "to_k", "to_v"):
+            delattr(attn, name)
+        fused += 1
+    return fused
+
+
 def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     """Speed up a WAN 2.1 diffusers pipeline in place (per-step results equal within bf16 rounding, but with
-    the opt-in GENQ_WAN_ATTENTION=fp8, whose difference bench/wan.py measures)."""
+    the opt-in GENQ_WAN_ATTENTION=fp8 and GENQ_WAN_LINEAR=fp8, whose differences bench/wan.py measures)."""
     if not opts.enabled:
         return []
     applied = []
     if opts.wan_vae_bf16:  # 1.6x faster decode, PSNR 49 dB on random weights; real-weight banding unverified
         pipe.vae.to(torch.bfloat16)
         applied.append("bf16_vae")
+    if fuse_wan_qkv(pipe.transformer):
+        applied.append("fused_qkv")
     if not _on_cuda(pipe.transformer):
         return applied
     torch.backends.cudnn.benchmark = opts.cudnn_benchmark
@@ -210,6 +230,11 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     elif opts.wan_attention_backend:
         pipe.transformer.set_attention_backend(opts.wan_attention_backend)
         applied.append(f"attention:{opts.wan_attention_backend}")
+    if opts.wan_linear == "fp8":
+        from . import wan_fp8_linear
+
+        wan_fp8_linear.check_device(pipe.transformer.device)
+        applied.append(f"linear:fp8:{wan_fp8_linear.quantise_video_linears(pipe.transformer)}")
     if opts.compile:
         configure_compile_cache(opts.cache_dir)
         # Regional compilation: one compiled block serves all 30 (seconds of compile, not minutes);

@@ -1,4 +1,5 @@
-"""FP8 weights for the chat models' linear layers (GENQ_CHAT_WEIGHTS=fp8, docs/CHAT.md).
+"""FP8 weights for linear layers: the chat models' (GENQ_CHAT_WEIGHTS=fp8, docs/CHAT.md) and WAN's video-token
+products (GENQ_WAN_LINEAR=fp8, pipelines/wan_fp8_linear.py).
 
 A decode step reads every weight once per token for a few rows of activations: it is bound by memory
 bandwidth, not arithmetic. Stored as float8 e4m3 with one fp32 scale per output feature, a weight is
@@ -41,8 +42,9 @@ def dequantise(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a weight as loaded (`scale` None) or an FP8 weight with its per-feature scale."""
+           scale: torch.Tensor | None = None, chunk: int | None = PROMPT_CHUNK) -> torch.Tensor:
+    """F.linear for a weight as loaded (`scale` None) or an FP8 weight with its per-feature scale (`chunk`:
+    see scaled_mm)."""
     if scale is None:
         return F.linear(x, weight, bias)
     if x.is_cuda:
@@ -50,7 +52,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
         if skinny_linear.supported(x, weight, scale):
             return skinny_linear.linear(x, weight, bias, scale=scale)
-        return scaled_mm(x, weight, scale, bias)
+        return scaled_mm(x, weight, scale, bias, chunk)
     # e4m3 values are exact in x's dtype, and a per-feature scale commutes with the sum: the scale goes on
     # the product in fp32, as in the kernel, instead of on a scaled copy of the weight.
     out = F.linear(x, weight.to(x.dtype)).float() * scale
@@ -59,13 +61,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.to(x.dtype)
 
 
-def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+              chunk: int | None = PROMPT_CHUNK):
     """x times an e4m3 weight on tensor cores (CUDA, compute capability 8.9+): x quantised to e4m3 per row,
-    PROMPT_CHUNK rows at a time, so a long prompt's quantised copy stays small (a 32k-token warm-up would
-    otherwise hold 2.5 GB of fp32 quotients beside the activations the memory table measured in bf16)."""
+    `chunk` rows at a time, so an eager long prompt's quantised copy stays small (a 32k-token warm-up would
+    otherwise hold 2.5 GB of fp32 quotients beside the activations the memory table measured in bf16).
+    None: one product for all rows, for compiled callers, whose quantisation fuses into one kernel."""
     rows = x.reshape(-1, x.shape[-1])
-    parts = [_scaled_mm_rows(rows[i:i + PROMPT_CHUNK], weight, scale, bias)
-             for i in range(0, rows.shape[0], PROMPT_CHUNK)]
+    step = chunk or max(rows.shape[0], 1)
+    parts = [_scaled_mm_rows(rows[i:i + step], weight, scale, bias) for i in range(0, rows.shape[0], step)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -81,31 +85,34 @@ def _scaled_mm_rows(rows, weight, scale, bias):
 
 class Fp8Linear(nn.Module):
     """nn.Linear with an e4m3 weight and an fp32 scale per output feature (parameters, so `.to(device)`,
-    `parameters()` and state_dict carry them; never trained)."""
+    `parameters()` and state_dict carry them; never trained). `chunk`: rows per tensor-core product
+    (scaled_mm)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 chunk: int | None = PROMPT_CHUNK):
         super().__init__()
+        self.chunk = chunk
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, module: nn.Linear) -> "Fp8Linear":
-        return cls(*quantise(module.weight), module.bias)
+    def from_linear(cls, module: nn.Linear, chunk: int | None = PROMPT_CHUNK) -> "Fp8Linear":
+        return cls(*quantise(module.weight), module.bias, chunk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.weight_scale)
+        return linear(x, self.weight, self.bias, self.weight_scale, self.chunk)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
 
 
-def check_device(device: torch.device) -> None:
+def check_device(device: torch.device, setting: str = "GENQ_CHAT_WEIGHTS=fp8") -> None:
     """FP8 weights need Triton's e4m3 conversion on CUDA, i.e. compute capability 8.9 or newer (Ada, Hopper)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
-        raise ValueError(f"GENQ_CHAT_WEIGHTS=fp8 needs a GPU of compute capability 8.9 or newer; {name} is "
+        raise ValueError(f"{setting} needs a GPU of compute capability 8.9 or newer; {name} is "
                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
 
 

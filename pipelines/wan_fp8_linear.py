@@ -1,0 +1,54 @@
+"""WAN's video-token products in float8 e4m3 (GENQ_WAN_LINEAR=fp8, opt-in).
+
+After attention, the linear layers are the rest of a WAN step: at 480x832x81 each block multiplies the
+32,760 video tokens by its q|k|v, attention-output, cross-attention query and output, and feed-forward
+weights (about 2.7 TFLOP a block and pass, a quarter of the step), which cuBLAS runs at ~750 TFLOP/s in
+bf16. Hopper multiplies e4m3 at twice that rate. Each such layer becomes a pipelines/fp8_linear.Fp8Linear:
+the weight in e4m3 with a scale per output feature, each token's activations scaled to e4m3 on the fly
+(a scale per token), the product summed in fp32 and rescaled (the `fp8` dynamic scheme of vLLM and
+text-generation-inference). An approximation of every product, whose difference bench/wan_step.py and
+bench/wan.py measure.
+
+What stays as loaded: the cross-attention's keys and values (512 text tokens: too few rows to gain), the
+embeddings, the output projection and the image-to-video branch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import fp8_linear
+
+# per block, the products over the video tokens (VACE's hint blocks also project their input and output)
+VIDEO_LINEARS = ("attn1.to_qkv", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2",
+                 "proj_in", "proj_out")
+
+
+def check_device(device: torch.device) -> None:
+    """e4m3 tensor-core products need a CUDA card of compute capability 8.9 or later (Ada, Hopper)."""
+    if device.type != "cuda":
+        raise RuntimeError(f"GENQ_WAN_LINEAR=fp8 needs a CUDA card of compute capability 8.9 or later; the WAN "
+                           f"transformer is on {device}")
+    fp8_linear.check_device(device, "GENQ_WAN_LINEAR=fp8")
+
+
+@torch.no_grad()
+def quantise_video_linears(transformer) -> int:
+    """Every block's VIDEO_LINEARS replaced in place by an Fp8Linear, one at a time so each bf16 weight is
+    freed as its copy is made; returns how many layers were replaced. accelerate_wan fuses q|k|v first
+    (accel.fuse_wan_qkv), so each self-attention quantises its input once for the three."""
+    replaced = 0
+    for block in _blocks(transformer):
+        for path in VIDEO_LINEARS:
+            parent_path, _, child = path.rpartition(".")
+            parent = block.get_submodule(parent_path) if parent_path else block
+            layer = getattr(parent, child, None)
+            if type(layer) is nn.Linear:
+                # compiled blocks quantise all 32,760 rows in one fused kernel: no chunking
+                setattr(parent, child, fp8_linear.Fp8Linear.from_linear(layer, chunk=None))
+                replaced += 1
+    return replaced
+
+
+def _blocks(transformer) -> list:
+    return [*transformer.blocks, *getattr(transformer, "vace_blocks", ())]
