@@ -62,25 +62,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-              chunk: int | None = PROMPT_CHUNK):
+              chunk: int | None = PROMPT_CHUNK, fast_accum: bool = False):
     """x times an e4m3 weight on tensor cores (CUDA, compute capability 8.9+): x quantised to e4m3 per row,
     `chunk` rows at a time, so an eager long prompt's quantised copy stays small (a 32k-token warm-up would
     otherwise hold 2.5 GB of fp32 quotients beside the activations the memory table measured in bf16).
-    None: one product for all rows, for compiled callers, whose quantisation fuses into one kernel."""
+    None: one product for all rows, for compiled callers, whose quantisation fuses into one kernel.
+    `fast_accum`: Hopper's FP8 accumulation without periodic promotion to fp32 (faster, less exact)."""
     rows = x.reshape(-1, x.shape[-1])
     step = chunk or max(rows.shape[0], 1)
-    parts = [_scaled_mm_rows(rows[i:i + step], weight, scale, bias) for i in range(0, rows.shape[0], step)]
+    parts = [_scaled_mm_rows(rows[i:i + step], weight, scale, bias, fast_accum)
+             for i in range(0, rows.shape[0], step)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _scaled_mm_rows(rows, weight, scale, bias):
+def _scaled_mm_rows(rows, weight, scale, bias, fast_accum=False):
     # max |value| per row without an abs() copy of the rows; a row of zeros keeps a tiny scale (0, not NaN)
     peak = torch.maximum(rows.amax(dim=1, keepdim=True), -rows.amin(dim=1, keepdim=True)).float()
     row_scale = (peak / FP8_MAX).clamp(min=1e-12)
     quantised = (rows / row_scale).to(FP8)
     return torch._scaled_mm(quantised, weight.t(), scale_a=row_scale, scale_b=scale[None, :], bias=bias,
-                            out_dtype=rows.dtype)
+                            out_dtype=rows.dtype, use_fast_accum=fast_accum)
 
 
 class Fp8Linear(nn.Module):

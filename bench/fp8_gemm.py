@@ -1,0 +1,92 @@
+"""WAN 2.1 1.3B's video-token products at 480x832x81 (32,760 rows): bf16 cuBLAS against e4m3 (`fp8`).
+
+    python -m bench.fp8_gemm [--tiny] [--out DIR] [--budget-s S]
+
+Per layer of a block (q|k|v fused, attention output, cross-attention query, feed-forward in and out):
+F.linear in bf16 (the exact path), torch._scaled_mm alone on operands quantised beforehand (rowwise
+scales; with and without fast accumulation), and pipelines/fp8_linear.scaled_mm whole (each row's
+quantisation and the product) compiled with fullgraph=True, as the compiled WAN blocks call it
+(GENQ_WAN_LINEAR=fp8), and the Fp8Linear module compiled the same way (`module`: an error there is a graph
+break in its forward). Times are CUDA-graph replays, in TFLOP/s of the product; `rel_l2_vs_bf16` is the
+whole path's difference from bf16 on Gaussian inputs. Writes OUT/fp8_gemm.json.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Report, compare, graph_time, parse_args
+
+ROWS = 32760  # video tokens of one pass at 480x832x81
+DIM, FFN = 1536, 8960
+LAYERS = {"attn1.to_qkv": (3 * DIM, DIM), "attn_out": (DIM, DIM), "ffn.net.0.proj": (FFN, DIM),
+          "ffn.net.2": (DIM, FFN)}  # (out features, in features); attn2.to_q and to_out.0 are attn_out's shape
+TINY_ROWS, TINY = 64, {"tiny": (32, 32)}
+
+
+def layer(name: str, shape: tuple[int, int], rows: int, device: str) -> dict:
+    from pipelines import fp8_linear
+
+    n, k = shape
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=g) / k**0.5
+    b = torch.randn(n, device=device, dtype=torch.bfloat16, generator=g) * 0.1
+    wq, ws = fp8_linear.quantise(w)
+    flop = 2 * rows * n * k
+    row: dict = {"rows": rows, "out_features": n, "in_features": k, "gflop": round(flop / 1e9, 1)}
+    reps = 1 if device != "cuda" else 10
+
+    def timed(label, fn):
+        try:
+            sec = graph_time(fn, reps, device)
+        except Exception as exc:  # noqa: BLE001  an op this build or card lacks: recorded, not fatal
+            row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+        row[f"{label}_ms"], row[f"{label}_tflop_s"] = round(sec * 1e3, 4), round(flop / sec / 1e12, 1)
+        return sec
+
+    base = timed("bf16", lambda: F.linear(x, w, b))
+    if device == "cuda":
+        peak = x.abs().amax(dim=1, keepdim=True).float()
+        xs = (peak / fp8_linear.FP8_MAX).clamp(min=1e-12)
+        xq = (x / xs).to(fp8_linear.FP8)
+        for fast in (False, True):
+            timed(f"scaled_mm{'_fast' if fast else ''}", lambda fast=fast: torch._scaled_mm(
+                xq, wq.t(), scale_a=xs, scale_b=ws[None, :], bias=b, out_dtype=torch.bfloat16, use_fast_accum=fast))
+    for fast in (False, True):
+        path = torch.compile(lambda x, fast=fast: fp8_linear.scaled_mm(x, wq, ws, b, chunk=None, fast_accum=fast),
+                             fullgraph=True) if device == "cuda" else (
+            lambda x, fast=fast: fp8_linear.linear(x, wq, b, ws, chunk=None))
+        label = f"path{'_fast' if fast else ''}"
+        sec = timed(label, lambda path=path: path(x))
+        if sec and base:
+            row[f"{label}_speedup_vs_bf16"] = round(base / sec, 3)
+            row[f"{label}_rel_l2_vs_bf16"] = compare(F.linear(x, w, b), path(x))["rel_l2"]
+    if device == "cuda":  # the module as the blocks hold it: fullgraph fails on any graph break in its forward
+        module = torch.compile(fp8_linear.Fp8Linear(wq, ws, b, chunk=None), fullgraph=True)
+        timed("module", lambda: module(x))
+    return row
+
+
+def main():
+    args = parse_args(__doc__)
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    report = Report("fp8_gemm", args)
+    layers, rows = (TINY, TINY_ROWS) if args.tiny else (LAYERS, ROWS)
+    for name, shape in layers.items():
+        report.stage(name, lambda name=name, shape=shape: layer(name, shape, rows, device))
+    s = report.data["stages"]
+    # one block, one pass: every layer once, the attention-output shape three times (attn1, attn2 q and out)
+    counts = {"attn_out": 3}
+    for label in ("bf16", "path", "path_fast"):
+        try:
+            report[f"block_pass_{label}_ms"] = round(sum(s[n][f"{label}_ms"] * counts.get(n, 1) for n in layers), 3)
+        except (KeyError, TypeError):
+            pass
+    print("SUMMARY", report.data["env"].get("card"), {k: v for k, v in report.data.items() if k.startswith("block")},
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
