@@ -1,8 +1,9 @@
 """Where a WAN 2.1 1.3B guided step (480x832, 81 frames) spends its time: kernel time by kind for the plain
 transformer (diffusers' default attention) and the accelerated one (pipelines.accel: compiled blocks) with
-each attention backend in --backends (GENQ_WAN_ATTENTION), and the attention kernels' achieved TFLOP/s.
+each attention backend in --backends (GENQ_WAN_ATTENTION; `+fp8-linear` after one adds GENQ_WAN_LINEAR=fp8),
+and the attention kernels' achieved TFLOP/s.
 
-    python -m bench.wan_profile [--tiny] [--backends _native_cudnn,native] [--out DIR]
+    python -m bench.wan_profile [--tiny] [--backends _native_cudnn,native,fp8+fp8-linear] [--out DIR]
 
 A guided step is two transformer forwards (with and without the prompt), as WanPipeline runs them. Each
 mode: one warm-up step (compiles), three timed steps (synchronised, min), one step under torch.profiler.
@@ -65,8 +66,10 @@ def main() -> int:
         pipe = build_wan("cuda", tiny=args.tiny)  # same seed: the same weights, uncompiled
         tr = pipe.transformer
         mode = f"accelerated:{backend}"
-        applied = accel.accelerate_wan(pipe, accel.AccelOptions(enabled=True, compile=True,
-                                                                wan_attention_backend=backend))
+        attention, _, linear = backend.partition("+")
+        applied = accel.accelerate_wan(pipe, accel.AccelOptions(
+            enabled=True, compile=True, wan_attention_backend=attention,
+            wan_linear="fp8" if linear == "fp8-linear" else "bf16"))
         report["modes"][mode] = {"applied": applied, **_measure(tr, inputs, out, mode.replace(":", "-"), attention)}
         report["ratio"][mode] = round(report["modes"]["baseline"]["wall_s_min"] / report["modes"][mode]["wall_s_min"], 3)
         path.write_text(json.dumps(report, indent=1))
