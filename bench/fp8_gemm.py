@@ -3,7 +3,8 @@
     python -m bench.fp8_gemm [--tiny] [--out DIR] [--budget-s S]
 
 Per layer of a block (q|k|v fused, attention output, cross-attention query, feed-forward in and out):
-F.linear in bf16 (the exact path), torch._scaled_mm alone on operands quantised beforehand (rowwise
+F.linear in bf16 (the exact path), pipelines/fp8_rows.py's quantisation alone (and whether it gives
+torch's values), torch._scaled_mm alone on operands quantised beforehand (rowwise
 scales; with and without fast accumulation), and pipelines/fp8_linear.scaled_mm whole (each row's
 quantisation and the product) compiled with fullgraph=True, as the compiled WAN blocks call it
 (GENQ_WAN_LINEAR=fp8), and the Fp8Linear module compiled the same way (`module`: an error there is a graph
@@ -48,9 +49,15 @@ def layer(name: str, shape: tuple[int, int], rows: int, device: str) -> dict:
 
     base = timed("bf16", lambda: F.linear(x, w, b))
     if device == "cuda":
+        from pipelines import fp8_rows
+
         peak = x.abs().amax(dim=1, keepdim=True).float()
         xs = (peak / fp8_linear.FP8_MAX).clamp(min=1e-12)
         xq = (x / xs).to(fp8_linear.FP8)
+        timed("quantise_rows", lambda: fp8_rows.quantise_rows(x))
+        kq, ks = fp8_rows.quantise_rows(x)  # the kernel against torch's arithmetic, value for value
+        row["quantise_rows_equal_fraction"] = round(float((kq.float() == xq.float()).float().mean()), 6)
+        row["quantise_rows_scales_equal"] = bool(torch.equal(ks, xs))
         for fast in (False, True):
             timed(f"scaled_mm{'_fast' if fast else ''}", lambda fast=fast: torch._scaled_mm(
                 xq, wq.t(), scale_a=xs, scale_b=ws[None, :], bias=b, out_dtype=torch.bfloat16, use_fast_accum=fast))

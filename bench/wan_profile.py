@@ -66,9 +66,9 @@ def main() -> int:
         pipe = build_wan("cuda", tiny=args.tiny)  # same seed: the same weights, uncompiled
         tr = pipe.transformer
         mode = f"accelerated:{backend}"
-        attention, _, linear = backend.partition("+")
+        attention_backend, _, linear = backend.partition("+")
         applied = accel.accelerate_wan(pipe, accel.AccelOptions(
-            enabled=True, compile=True, wan_attention_backend=attention,
+            enabled=True, compile=True, wan_attention_backend=attention_backend,
             wan_linear="fp8" if linear == "fp8-linear" else "bf16"))
         report["modes"][mode] = {"applied": applied, **_measure(tr, inputs, out, mode.replace(":", "-"), attention)}
         report["ratio"][mode] = round(report["modes"]["baseline"]["wall_s_min"] / report["modes"][mode]["wall_s_min"], 3)

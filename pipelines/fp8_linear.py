@@ -77,10 +77,15 @@ def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: 
 
 
 def _scaled_mm_rows(rows, weight, scale, bias, fast_accum=False):
-    # max |value| per row without an abs() copy of the rows; a row of zeros keeps a tiny scale (0, not NaN)
-    peak = torch.maximum(rows.amax(dim=1, keepdim=True), -rows.amin(dim=1, keepdim=True)).float()
-    row_scale = (peak / FP8_MAX).clamp(min=1e-12)
-    quantised = (rows / row_scale).to(FP8)
+    from . import fp8_rows
+
+    if fp8_rows.supported(rows):  # one pass over the rows (a kernel), not two
+        quantised, row_scale = fp8_rows.quantise_rows(rows)
+    else:
+        # max |value| per row without an abs() copy of the rows; a row of zeros keeps a tiny scale (0, not NaN)
+        peak = torch.maximum(rows.amax(dim=1, keepdim=True), -rows.amin(dim=1, keepdim=True)).float()
+        row_scale = (peak / FP8_MAX).clamp(min=1e-12)
+        quantised = (rows / row_scale).to(FP8)
     return torch._scaled_mm(quantised, weight.t(), scale_a=row_scale, scale_b=scale[None, :], bias=bias,
                             out_dtype=rows.dtype, use_fast_accum=fast_accum)
 
