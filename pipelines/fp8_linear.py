@@ -42,9 +42,9 @@ def dequantise(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None, chunk: int | None = PROMPT_CHUNK) -> torch.Tensor:
-    """F.linear for a weight as loaded (`scale` None) or an FP8 weight with its per-feature scale (`chunk`:
-    see scaled_mm)."""
+           scale: torch.Tensor | None = None, chunk: int | None = PROMPT_CHUNK, fast_accum: bool = False) -> torch.Tensor:
+    """F.linear for a weight as loaded (`scale` None) or an FP8 weight with its per-feature scale (`chunk`,
+    `fast_accum`: see scaled_mm)."""
     if scale is None:
         return F.linear(x, weight, bias)
     if x.is_cuda:
@@ -52,7 +52,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
         if skinny_linear.supported(x, weight, scale):
             return skinny_linear.linear(x, weight, bias, scale=scale)
-        return scaled_mm(x, weight, scale, bias, chunk)
+        return scaled_mm(x, weight, scale, bias, chunk, fast_accum)
     # e4m3 values are exact in x's dtype, and a per-feature scale commutes with the sum: the scale goes on
     # the product in fp32, as in the kernel, instead of on a scaled copy of the weight.
     out = F.linear(x, weight.to(x.dtype)).float() * scale
@@ -92,24 +92,24 @@ def _scaled_mm_rows(rows, weight, scale, bias, fast_accum=False):
 
 class Fp8Linear(nn.Module):
     """nn.Linear with an e4m3 weight and an fp32 scale per output feature (parameters, so `.to(device)`,
-    `parameters()` and state_dict carry them; never trained). `chunk`: rows per tensor-core product
-    (scaled_mm)."""
+    `parameters()` and state_dict carry them; never trained). `chunk`, `fast_accum`: how the tensor-core
+    product runs (scaled_mm)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 chunk: int | None = PROMPT_CHUNK):
+                 chunk: int | None = PROMPT_CHUNK, fast_accum: bool = False):
         super().__init__()
-        self.chunk = chunk
+        self.chunk, self.fast_accum = chunk, fast_accum
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, module: nn.Linear, chunk: int | None = PROMPT_CHUNK) -> "Fp8Linear":
-        return cls(*quantise(module.weight), module.bias, chunk)
+    def from_linear(cls, module: nn.Linear, chunk: int | None = PROMPT_CHUNK, fast_accum: bool = False) -> "Fp8Linear":
+        return cls(*quantise(module.weight), module.bias, chunk, fast_accum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.weight_scale, self.chunk)
+        return linear(x, self.weight, self.bias, self.weight_scale, self.chunk, self.fast_accum)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
