@@ -1,6 +1,8 @@
 """WAN 2.1 1.3B's video-token products at 480x832x81 (32,760 rows): bf16 cuBLAS against e4m3 (`fp8`).
 
-    python -m bench.fp8_gemm [--tiny] [--out DIR] [--budget-s S]
+    python -m bench.fp8_gemm [--tiny] [--shapes wan,qwen] [--out DIR] [--budget-s S]
+
+`qwen`: Qwen 2.5 7B's products for a 300-token prompt (GENQ_CHAT_WEIGHTS=fp8's prefill path) instead.
 
 Per layer of a block (q|k|v fused, attention output, cross-attention query, feed-forward in and out):
 F.linear in bf16 (the exact path), pipelines/fp8_rows.py's quantisation alone (and whether it gives
@@ -22,6 +24,9 @@ ROWS = 32760  # video tokens of one pass at 480x832x81
 DIM, FFN = 1536, 8960
 LAYERS = {"attn1.to_qkv": (3 * DIM, DIM), "attn_out": (DIM, DIM), "ffn.net.0.proj": (FFN, DIM),
           "ffn.net.2": (DIM, FFN)}  # (out features, in features); attn2.to_q and to_out.0 are attn_out's shape
+# Qwen 2.5 7B, a 300-token prompt: q|k|v, o, gate|up, down
+QWEN_ROWS, QWEN = 300, {"qwen.qkv": (4608, 3584), "qwen.o": (3584, 3584), "qwen.gate_up": (37888, 3584),
+                        "qwen.down": (3584, 18944)}
 TINY_ROWS, TINY = 64, {"tiny": (32, 32)}
 
 
@@ -77,12 +82,14 @@ def layer(name: str, shape: tuple[int, int], rows: int, device: str) -> dict:
 
 
 def main():
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, lambda ap: ap.add_argument("--shapes", default="wan"))
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     report = Report("fp8_gemm", args)
-    layers, rows = (TINY, TINY_ROWS) if args.tiny else (LAYERS, ROWS)
-    for name, shape in layers.items():
-        report.stage(name, lambda name=name, shape=shape: layer(name, shape, rows, device))
+    sets = {"wan": (LAYERS, ROWS), "qwen": (QWEN, QWEN_ROWS)}
+    for layers, rows in [(TINY, TINY_ROWS)] if args.tiny else [sets[n] for n in args.shapes.split(",")]:
+        for name, shape in layers.items():
+            report.stage(name, lambda name=name, shape=shape, rows=rows: layer(name, shape, rows, device))
+    layers = TINY if args.tiny else LAYERS
     s = report.data["stages"]
     # one block, one pass: every layer once, the attention-output shape three times (attn1, attn2 q and out)
     counts = {"attn_out": 3}
