@@ -36,7 +36,7 @@ def _step(transformer, x, t, cond, uncond) -> None:
 
 
 def _measure(transformer, inputs, out: Path, mode: str, attention_tflop: float) -> dict:
-    rec = profile_call(lambda: _step(transformer, *inputs), out / f"wan_profile_{mode}.txt")
+    rec = profile_call(lambda: _step(transformer, *inputs), out / f"wan_profile_{mode.replace('+', '_')}.txt")
     attention_s = rec["by_kind_s"].get("attention", 0.0)
     return {**rec, "attention_tflop_s": round(2 * attention_tflop / attention_s, 1) if attention_s else None}
 
