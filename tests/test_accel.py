@@ -111,7 +111,7 @@ def test_wan_levers_and_step_cache_toggle():
         return pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=32, width=32, num_frames=5,
                     num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").frames
     before = video()
-    assert accelerate_wan(pipe, AccelOptions(enabled=True, wan_vae_bf16=True)) == ["bf16_vae"]
+    assert accelerate_wan(pipe, AccelOptions(enabled=True, wan_vae_bf16=True)) == ["bf16_vae", "fused_qkv"]
     assert compare(before, video())["psnr_db_if_unit_range"] > 35
     set_wan_step_cache(pipe, 0.05)
     assert torch.isfinite(video()).all()

@@ -85,6 +85,20 @@ def test_wan_step_times_the_baseline_and_the_exact_path_in_one_process(tmp_path)
     assert report["stages"]["baseline_per_step"]["min_s"] > 0 and report["stages"]["accel_per_step"]["min_s"] > 0
     assert report["summary"]["speedup_per_step_min"] > 0  # the FP8 stages need CUDA: None here
     assert report["summary"]["fp8_speedup_per_step_min"] is None
+    assert report["summary"]["fp8_linear_fast_speedup_per_step_min"] is None
+    # fused q|k|v in fp32 on a CPU: the exact path's latents are the baseline's
+    assert report["stages"]["accel_per_step"]["latents_after_4_steps_vs_baseline"]["rel_l2"] < 1e-5
+
+
+def test_fp8_gemm_times_wans_products_in_bf16_and_e4m3(tmp_path):
+    done = run_bench("bench.fp8_gemm", tmp_path, "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "fp8_gemm_tiny.json").read_text())
+    assert report["errors"] == {}
+    row = report["stages"]["tiny"]
+    assert row["bf16_ms"] > 0 and row["path_ms"] > 0 and row["path_fast_ms"] > 0
+    assert 1e-4 < row["path_rel_l2_vs_bf16"] < 0.1  # e4m3 weights: a few percent
+    assert report["block_pass_bf16_ms"] > 0
 
 
 def test_the_profiles_need_a_gpu_and_say_so(tmp_path):
