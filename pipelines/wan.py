@@ -232,7 +232,7 @@ class WanVideoPipeline:
         accel = AccelOptions.from_env()  # GPU speed-ups behind GENQ_ACCEL (docs/PERFORMANCE.md)
         for pipe in self._pipelines():
             pipe.set_progress_bar_config(disable=True)
-            accelerate_wan(pipe, accel)
+            log.info("wan accel (%s): %s", type(pipe.transformer).__name__, accelerate_wan(pipe, accel))
         warmed = self._warm_up() if self.wan.warmup else "warm-up off (WAN_WARMUP=0)"
         log.info("wan ready on %s (%s): t2v=%s vace=%s modes=%s text_encoder_offload=%s, %s", self.device,
                  self.dtype, bool(t2v), bool(vace), ",".join(self.wan.modes_served), self.wan.text_encoder_offload,
