@@ -124,6 +124,14 @@ def check_device(device: torch.device, setting: str = "GENQ_CHAT_WEIGHTS=fp8") -
                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
 
 
+def require_fp8_card(device: torch.device, setting: str) -> None:
+    """For a lever that has no CPU path (WAN's): a CUDA card of compute capability 8.9 or later, else a
+    RuntimeError naming `setting`."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError(f"{setting} needs a CUDA card of compute capability 8.9 or later; the WAN transformer "
+                           f"is on {device}")
+
+
 @torch.no_grad()
 def quantise_model(model: nn.Module) -> int:
     """Every nn.Linear of the decoder layers, and an untied LM head, replaced by an Fp8Linear in place,

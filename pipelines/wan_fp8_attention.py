@@ -11,6 +11,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from . import fp8_attention
+from .fp8_linear import require_fp8_card
 
 EXACT_BACKEND = "_native_cudnn"  # for everything the FP8 path does not take
 
@@ -44,9 +45,7 @@ class Fp8WanAttnProcessor(WanAttnProcessor):
 
 def check_device(device: torch.device) -> None:
     """int8 and e4m3 tensor-core products need compute capability 8.9 or later (Ada, Hopper)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError(f"GENQ_WAN_ATTENTION=fp8 needs a CUDA card of compute capability 8.9 or later; "
-                           f"the WAN transformer is on {device}")
+    require_fp8_card(device, "GENQ_WAN_ATTENTION=fp8")
 
 
 def use_fp8_attention(transformer, exact_backend: str = EXACT_BACKEND) -> int:

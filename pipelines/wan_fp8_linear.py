@@ -20,9 +20,8 @@ from torch import nn
 from . import fp8_linear
 
 # per block, the products over the video tokens (VACE's hint blocks also project their input and output)
-VIDEO_LINEARS = ("attn1.to_qkv", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2",
-                 "proj_in", "proj_out")
-
+VIDEO_LINEARS = ("attn1.to_qkv", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
+                 "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_in", "proj_out")
 
 # Hopper's FP8 products summed without periodic promotion to fp32: 1.2-1.35x faster at WAN's shapes with
 # K = 1536, and the whole path's difference from bf16 unchanged (rel. L2 3.73e-2 either way; bench/fp8_gemm.py)
@@ -31,10 +30,7 @@ FAST_ACCUM = True
 
 def check_device(device: torch.device) -> None:
     """e4m3 tensor-core products need a CUDA card of compute capability 8.9 or later (Ada, Hopper)."""
-    if device.type != "cuda":
-        raise RuntimeError(f"GENQ_WAN_LINEAR=fp8 needs a CUDA card of compute capability 8.9 or later; the WAN "
-                           f"transformer is on {device}")
-    fp8_linear.check_device(device, "GENQ_WAN_LINEAR=fp8")
+    fp8_linear.require_fp8_card(device, "GENQ_WAN_LINEAR=fp8")
 
 
 @torch.no_grad()
@@ -49,7 +45,7 @@ def quantise_video_linears(transformer, fast_accum: bool = FAST_ACCUM) -> int:
             parent = block.get_submodule(parent_path) if parent_path else block
             layer = getattr(parent, child, None)
             if type(layer) is nn.Linear:
-                # compiled blocks quantise all 32,760 rows in one fused kernel: no chunking
+                # one product for all 32,760 rows: chunks only bound an eager caller's fp32 temporaries
                 setattr(parent, child, fp8_linear.Fp8Linear.from_linear(layer, chunk=None, fast_accum=fast_accum))
                 replaced += 1
     return replaced

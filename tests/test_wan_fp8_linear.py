@@ -138,3 +138,15 @@ def test_the_row_kernel_scales_each_row_as_torch_does():
         # the interpreter's own e4m3 rounding is coarser than the GPU's (tests/test_fp8_attention.py)
         assert res["rel"] < 0.1
     assert "not supported" in refused and "(4, 96)" in refused  # a strided view is refused, not misread
+
+
+@pytest.mark.parametrize("check, setting", [(wan_fp8_linear.check_device, "GENQ_WAN_LINEAR=fp8"),
+                                            ("attention", "GENQ_WAN_ATTENTION=fp8")])
+def test_a_cuda_card_older_than_ada_is_refused_naming_the_setting(monkeypatch, check, setting):
+    if check == "attention":
+        from pipelines.wan_fp8_attention import check_device as check
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+    with pytest.raises(RuntimeError, match=f"{setting} needs a CUDA card of compute capability 8.9"):
+        check(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    check(torch.device("cuda", 0))
