@@ -65,9 +65,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
               chunk: int | None = PROMPT_CHUNK, fast_accum: bool = False):
     """x times an e4m3 weight on tensor cores (CUDA, compute capability 8.9+): x quantised to e4m3 per row,
-    `chunk` rows at a time, so an eager long prompt's quantised copy stays small (a 32k-token warm-up would
-    otherwise hold 2.5 GB of fp32 quotients beside the activations the memory table measured in bf16).
-    None: one product for all rows, for compiled callers, whose quantisation fuses into one kernel.
+    `chunk` rows at a time, so a long prompt's quantised copy stays small beside the activations the memory
+    table measured in bf16 (and, where fp8_rows' kernel does not apply, its fp32 quotients: 2.5 GB for a
+    32k-token warm-up). None: one product for all rows (WAN's compiled blocks, whose shapes are fixed).
     `fast_accum`: Hopper's FP8 accumulation without periodic promotion to fp32 (faster, less exact)."""
     rows = x.reshape(-1, x.shape[-1])
     step = chunk or max(rows.shape[0], 1)
@@ -77,16 +77,20 @@ def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def quantise_rows_reference(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows, fp32 scale per row [M, 1]) in torch: the arithmetic fp8_rows' kernel reproduces."""
+    # max |value| per row without an abs() copy of the rows; a row of zeros keeps a tiny scale (0, not NaN)
+    peak = torch.maximum(rows.amax(dim=1, keepdim=True), -rows.amin(dim=1, keepdim=True)).float()
+    row_scale = (peak / FP8_MAX).clamp(min=1e-12)
+    return (rows / row_scale).to(FP8), row_scale
+
+
 def _scaled_mm_rows(rows, weight, scale, bias, fast_accum=False):
     from . import fp8_rows
 
-    if fp8_rows.supported(rows):  # one pass over the rows (a kernel), not two
-        quantised, row_scale = fp8_rows.quantise_rows(rows)
-    else:
-        # max |value| per row without an abs() copy of the rows; a row of zeros keeps a tiny scale (0, not NaN)
-        peak = torch.maximum(rows.amax(dim=1, keepdim=True), -rows.amin(dim=1, keepdim=True)).float()
-        row_scale = (peak / FP8_MAX).clamp(min=1e-12)
-        quantised = (rows / row_scale).to(FP8)
+    # one pass over the rows (a kernel) where it applies, else torch's two
+    quantise = fp8_rows.quantise_rows if fp8_rows.supported(rows) else quantise_rows_reference
+    quantised, row_scale = quantise(rows)
     return torch._scaled_mm(quantised, weight.t(), scale_a=row_scale, scale_b=scale[None, :], bias=bias,
                             out_dtype=rows.dtype, use_fast_accum=fast_accum)
 
@@ -116,11 +120,11 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"
 
 
-def check_device(device: torch.device, setting: str = "GENQ_CHAT_WEIGHTS=fp8") -> None:
+def check_device(device: torch.device) -> None:
     """FP8 weights need Triton's e4m3 conversion on CUDA, i.e. compute capability 8.9 or newer (Ada, Hopper)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
-        raise ValueError(f"{setting} needs a GPU of compute capability 8.9 or newer; {name} is "
+        raise ValueError(f"GENQ_CHAT_WEIGHTS=fp8 needs a GPU of compute capability 8.9 or newer; {name} is "
                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
 
 

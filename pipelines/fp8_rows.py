@@ -5,7 +5,7 @@ WAN's blocks, cost more than the e4m3 product saved: at 32,760 x 8960 (the feed-
 quantising and multiplying took 1.45 ms against 1.19 ms for bf16 cuBLAS alone on an H200, the product
 itself 0.67 ms (bench/fp8_gemm.py). Here each program holds a whole row in registers, finds its largest
 magnitude, and writes the row in e4m3 (scaled so that value becomes 448, saturating) and its fp32 scale:
-one read, one write. Same arithmetic as fp8_linear's torch path.
+one read, one write. Same arithmetic as fp8_linear.quantise_rows_reference.
 """
 from __future__ import annotations
 
@@ -30,10 +30,13 @@ def _rows_kernel(X, Q, S, K, sx, TOP: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(S + row, step)
 
 
+def _layout_ok(rows: torch.Tensor) -> bool:
+    return rows.dim() == 2 and rows.stride(1) == 1 and 0 < rows.shape[1] <= MAX_K
+
+
 def supported(rows: torch.Tensor) -> bool:
     """2-D CUDA rows, each contiguous, no longer than MAX_K, in a floating dtype."""
-    return (rows.is_cuda and rows.dim() == 2 and rows.stride(1) == 1 and 0 < rows.shape[1] <= MAX_K
-            and rows.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    return rows.is_cuda and _layout_ok(rows) and rows.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton_op("genq::quantise_rows", mutates_args={})
@@ -51,7 +54,7 @@ def _quantise_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantise_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 rows [M, K], fp32 scale per row [M, 1]) with rows ~= quantised.float() * scale."""
-    if rows.dim() != 2 or rows.stride(1) != 1 or not 0 < rows.shape[1] <= MAX_K:
+    if not _layout_ok(rows):
         raise ValueError(f"quantise_rows: rows {tuple(rows.shape)} with strides {rows.stride()} not supported "
                          f"(2-D, each row contiguous, at most {MAX_K} long)")
     return _quantise_rows(rows)
