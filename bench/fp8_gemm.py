@@ -1,11 +1,14 @@
 """WAN 2.1 1.3B's video-token products at 480x832x81 (32,760 rows): bf16 cuBLAS against e4m3 (`fp8`).
 
-    python -m bench.fp8_gemm [--tiny] [--shapes wan,qwen] [--out DIR] [--budget-s S]
+    python -m bench.fp8_gemm [--tiny] [--shapes wan,qwen,sdxl] [--out DIR] [--budget-s S]
 
 `qwen`: Qwen 2.5 7B's products for a 300-token prompt (GENQ_CHAT_WEIGHTS=fp8's prefill path) instead.
+`sdxl`: the SDXL UNet's transformer products of one guided 1024x1024 image (UNet batch 2: 8,192 rows at
+640 channels, 2,048 at 1280), in fp16 as the UNet runs (GENQ_SDXL_LINEAR=fp8); `sdxl6`: a 6-image job's
+(batch 12, one graph).
 
 Per layer of a block (q|k|v fused, attention output, cross-attention query, feed-forward in and out):
-F.linear in bf16 (the exact path), pipelines/fp8_rows.py's quantisation alone (and whether it gives
+F.linear in the model's dtype (the exact path; labelled `bf16`, fp16 for SDXL), pipelines/fp8_rows.py's quantisation alone (and whether it gives
 torch's values), torch._scaled_mm alone on operands quantised beforehand (rowwise
 scales; with and without fast accumulation), and pipelines/fp8_linear.scaled_mm whole (each row's
 quantisation and the product) compiled with fullgraph=True, as the compiled WAN blocks call it
@@ -30,17 +33,48 @@ QWEN_ROWS, QWEN = 300, {"qwen.qkv": (4608, 3584), "qwen.o": (3584, 3584), "qwen.
 TINY_ROWS, TINY = 64, {"tiny": (32, 32)}
 
 
-def layer(name: str, shape: tuple[int, int], rows: int, device: str) -> dict:
+def _sdxl(images: int) -> dict:
+    """Per transformer block: q|k|v, the output shape three times (self-attention output, cross-attention
+    query and output), the feed-forward's two layers; and each transformer's proj_in and proj_out (output
+    shape). (out, in, rows, count per guided step): 10 blocks in 5 transformers at 64x64 latents, 60 in 6
+    at 32x32."""
+    layers = {}
+    for side, width, blocks, transformers in ((64, 640, 10, 5), (32, 1280, 60, 6)):
+        rows = 2 * images * side * side
+        layers.update({f"sdxl{side}.qkv": (3 * width, width, rows, blocks),
+                       f"sdxl{side}.out": (width, width, rows, 3 * blocks + 2 * transformers),
+                       f"sdxl{side}.ff1": (8 * width, width, rows, blocks),
+                       f"sdxl{side}.ff2": (width, 4 * width, rows, blocks)})
+    return layers
+
+
+def _counted(layers: dict, rows: int, counts: dict | None = None) -> dict:
+    return {name: (n, k, rows, (counts or {}).get(name, 1)) for name, (n, k) in layers.items()}
+
+
+# name: (out features, in features, rows, times per block pass or guided step), and the dtype the model runs in
+SETS = {
+    # one WAN block, one pass: the attention-output shape three times (attn1, attn2 q and out)
+    "wan": (_counted(LAYERS, ROWS, {"attn_out": 3}), torch.bfloat16),
+    "qwen": (_counted(QWEN, QWEN_ROWS), torch.bfloat16),
+    "sdxl": (_sdxl(1), torch.float16),
+    "sdxl6": ({f"{name}@6": shape for name, shape in _sdxl(6).items()}, torch.float16),
+}
+
+
+def layer(name: str, shape: tuple[int, int], rows: int, device: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     from pipelines import fp8_linear
 
     n, k = shape
     g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=g)
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=g) / k**0.5
-    b = torch.randn(n, device=device, dtype=torch.bfloat16, generator=g) * 0.1
+    x = torch.randn(rows, k, device=device, dtype=dtype, generator=g)
+    w = torch.randn(n, k, device=device, dtype=dtype, generator=g) / k**0.5
+    b = torch.randn(n, device=device, dtype=dtype, generator=g) * 0.1
     wq, ws = fp8_linear.quantise(w)
     flop = 2 * rows * n * k
-    row: dict = {"rows": rows, "out_features": n, "in_features": k, "gflop": round(flop / 1e9, 1)}
+    # `bf16_*` figures are F.linear in the model's own dtype (fp16 for SDXL)
+    row: dict = {"rows": rows, "out_features": n, "in_features": k, "dtype": str(dtype).removeprefix("torch."),
+                 "gflop": round(flop / 1e9, 1)}
     reps = 1 if device != "cuda" else 10
 
     def timed(label, fn):
@@ -63,7 +97,7 @@ def layer(name: str, shape: tuple[int, int], rows: int, device: str) -> dict:
         row["quantise_rows_scales_equal"] = bool(torch.equal(ks, xs))
         for fast in (False, True):
             timed(f"scaled_mm{'_fast' if fast else ''}", lambda fast=fast: torch._scaled_mm(
-                xq, wq.t(), scale_a=xs, scale_b=ws[None, :], bias=b, out_dtype=torch.bfloat16, use_fast_accum=fast))
+                xq, wq.t(), scale_a=xs, scale_b=ws[None, :], bias=b.to(torch.bfloat16), out_dtype=torch.bfloat16, use_fast_accum=fast))
     for fast in (False, True):
         path = torch.compile(lambda x, fast=fast: fp8_linear.scaled_mm(x, wq, ws, b, chunk=None, fast_accum=fast),
                              fullgraph=True) if device == "cuda" else (
@@ -83,20 +117,21 @@ def main():
     args = parse_args(__doc__, lambda ap: ap.add_argument("--shapes", default="wan"))
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     report = Report("fp8_gemm", args)
-    sets = {"wan": (LAYERS, ROWS), "qwen": (QWEN, QWEN_ROWS)}
-    for layers, rows in [(TINY, TINY_ROWS)] if args.tiny else [sets[n] for n in args.shapes.split(",")]:
-        for name, shape in layers.items():
-            report.stage(name, lambda name=name, shape=shape, rows=rows: layer(name, shape, rows, device))
-    layers = TINY if args.tiny else LAYERS
+    sets = {"tiny": (_counted(TINY, TINY_ROWS), torch.bfloat16)} if args.tiny else {
+        name: SETS[name] for name in args.shapes.split(",")}
     s = report.data["stages"]
-    # one block, one pass: every layer once, the attention-output shape three times (attn1, attn2 q and out)
-    counts = {"attn_out": 3}
-    for label in ("bf16", "path", "path_fast"):
-        try:
-            report[f"block_pass_{label}_ms"] = round(sum(s[n][f"{label}_ms"] * counts.get(n, 1) for n in layers), 3)
-        except (KeyError, TypeError):
-            pass
-    print("SUMMARY", report.data["env"].get("card"), {k: v for k, v in report.data.items() if k.startswith("block")},
+    for set_name, (layers, dtype) in sets.items():
+        for name, (n, k, rows, _) in layers.items():
+            report.stage(name, lambda name=name, n=n, k=k, rows=rows, dtype=dtype: layer(name, (n, k), rows, device,
+                                                                                          dtype))
+        # every layer as often as a WAN block pass (or an SDXL guided step) runs it; "bf16" is the model's dtype
+        for label in ("bf16", "path", "path_fast"):
+            try:
+                report[f"{set_name}_pass_{label}_ms"] = round(
+                    sum(s[name][f"{label}_ms"] * count for name, (_, _, _, count) in layers.items()), 3)
+            except (KeyError, TypeError):
+                pass
+    print("SUMMARY", report.data["env"].get("card"), {k: v for k, v in report.data.items() if "_pass_" in k},
           flush=True)
 
 

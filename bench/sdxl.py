@@ -1,8 +1,12 @@
 """SDXL: plain StableDiffusionXLPipeline (fp16, default scheduler) against pipelines.accel, same run, same card.
 
     python -m bench.sdxl [--tiny] [--runs 3] [--compile-mode MODE] [--cache-dir DIR] [--skip-6img] [--skip-memory]
+                         [--fp8-linear]
 
 --skip-6img / --skip-memory leave out the 6-image figures and the memory tables (a shorter device call).
+--fp8-linear: after the accelerated figures, the same pipeline with GENQ_SDXL_LINEAR=fp8 (the UNet's token
+products in e4m3, compiled anew): its figures (`fp8_*`), and its difference from the baseline and from the
+exact accelerated path (`fp8_equality`). The whole-batch 6-image figure is left out to fit the call.
 Ours at 6 images is timed twice: as the daemon runs it by default (one-image chunks through the 1-image
 graph, pipelines/unet_batches.py) and with the batch run whole on a graph of its own (SDXL_WARMUP_EXTRA).
 """
@@ -49,7 +53,9 @@ def main() -> None:
                                            ap.add_argument("--skip-6img", action="store_true",
                                                            help="leave out the 6-image figures"),
                                            ap.add_argument("--skip-memory", action="store_true",
-                                                           help="leave out the memory tables")))
+                                                           help="leave out the memory tables"),
+                                           ap.add_argument("--fp8-linear", action="store_true",
+                                                           help="also time GENQ_SDXL_LINEAR=fp8")))
     accel = import_accel()
     dev, tiny = args.device, args.tiny
     if tiny:  # a smoke run checks the code paths, not the speed
@@ -94,7 +100,7 @@ def main() -> None:
             rep.stage(f"{prefix}_6img_{args.steps}steps", lambda: timed(lambda: call(6, args.steps), dev, runs_6,
                                                                          images=6, steps=args.steps),
                       optional_cost_s={"baseline": None, "accel": 60}.get(prefix, 200))
-            if prefix == "accel" and dev == "cuda":
+            if prefix == "accel" and dev == "cuda" and not args.fp8_linear:
                 def whole():
                     with whole_batches(pipe.unet):  # timed's warm-up run compiles the batch-12 graph
                         return timed(lambda: call(6, args.steps), dev, runs_6, images=6, steps=args.steps)
@@ -142,24 +148,30 @@ def main() -> None:
     if dev == "cuda":
         rep.stage("accel_compile", lambda: accel.compile_sdxl(pipe, opts))
 
-    def check():
+    def check(path: str = "accel"):
         cap = st["unet_cap"]
         with torch.no_grad():
             unet_out = pipe.unet(*cap.args, **cap.kwargs)
         # cloned: under CUDA graphs (reduce-overhead) the next UNet call reuses the output's memory
         unet_out = _clone(unet_out[0] if isinstance(unet_out, tuple) else unet_out.sample)
-        lat = call(1, args.steps, output_type="latent")
+        st[f"{path}_latents"] = lat = call(1, args.steps, output_type="latent")
         with torch.no_grad():
             ours_img = (pipe.vae.decode(st["ref_latents"] / pipe.vae.config.scaling_factor).sample / 2 + 0.5)
             e2e_img = (pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample / 2 + 0.5)
-        return {"unet_same_input": compare(cap.out, unet_out),
-                "vae_decode_same_latents": compare(st["ref_image"], ours_img.clamp(0, 1)),
-                "end_to_end_latents": compare(st["ref_latents"], lat),
-                "end_to_end_image": compare(st["ref_image"], e2e_img.clamp(0, 1)),
-                "tolerance": {"unet_same_input.rel_l2": 1e-2, "vae_decode_same_latents.psnr_db": 40,
-                              "end_to_end_image.psnr_db": 30}}
+        figures = {"unet_same_input": compare(cap.out, unet_out),
+                   "vae_decode_same_latents": compare(st["ref_image"], ours_img.clamp(0, 1)),
+                   "end_to_end_latents": compare(st["ref_latents"], lat),
+                   "end_to_end_image": compare(st["ref_image"], e2e_img.clamp(0, 1))}
+        if path == "accel":
+            return {**figures, "tolerance": {"unet_same_input.rel_l2": 1e-2, "vae_decode_same_latents.psnr_db": 40,
+                                             "end_to_end_image.psnr_db": 30}}
+        # an opt-in approximation: its difference measured, from the baseline and from the exact path
+        return {**figures, "end_to_end_latents_vs_accel": compare(st["accel_latents"], lat)}
 
     figures("accel", runs_6=3, between=lambda: rep.stage("equality", check))
+    if args.fp8_linear:
+        rep.stage("fp8_levers", lambda: use_fp8_linear(pipe, accel, opts, compile=dev == "cuda"))
+        figures("fp8", runs_6=3, between=lambda: rep.stage("fp8_equality", lambda: check("fp8")))
 
     s = rep.data["stages"]
     rep["summary"] = {
@@ -175,7 +187,34 @@ def main() -> None:
                                                           s.get(f"accel_1img_{args.fast_steps}steps")),
         "accel_step_ms": _step_ms(s, "accel", args),  # one guided step
     }
+    if args.fp8_linear:
+        rep["summary"] = {**rep.data["summary"], "fp8": {
+            **{f"{figure}_vs_baseline": ratio(s.get(f"baseline_{figure}"), s.get(f"fp8_{figure}"))
+               for figure in (f"1img_{args.steps}steps", f"6img_{args.steps}steps", f"1img_{args.fast_steps}steps")},
+            f"1img_{args.steps}steps_vs_accel": ratio(s.get(f"accel_1img_{args.steps}steps"),
+                                                      s.get(f"fp8_1img_{args.steps}steps")),
+            "step_ms": _step_ms(s, "fp8", args)}}
     print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)
+
+
+def use_fp8_linear(pipe, accel, opts, compile: bool) -> dict:
+    """The accelerated pipeline switched to GENQ_SDXL_LINEAR=fp8 as a daemon would start with it: the UNet's
+    token products quantised (pipelines/sdxl_fp8_linear.py), then, if `compile`, the UNet and the VAE
+    decoder compiled anew from their class forwards."""
+    from pipelines import sdxl_fp8_linear
+
+    for module in (pipe.unet, pipe.vae.decoder):
+        vars(module).pop("forward", None)  # the compiled (and chunking) forwards from compile_sdxl
+    torch._dynamo.reset()
+    device = str(pipe.unet.device)
+    reset_memory(device)
+    before = memory(device).get("allocated_gib")
+    levers = {"fp8_linears": sdxl_fp8_linear.quantise_unet_linears(pipe.unet)}
+    reset_memory(device)
+    levers.update(resident_gib_before=before, resident_gib_after=memory(device).get("allocated_gib"))
+    if compile:
+        levers["compile"] = accel.compile_sdxl(pipe, opts.model_copy(update={"sdxl_linear": "fp8"}))
+    return levers
 
 
 def _step_ms(stages: dict, prefix: str, args) -> float | None:

@@ -1,5 +1,6 @@
-"""FP8 weights for linear layers: the chat models' (GENQ_CHAT_WEIGHTS=fp8, docs/CHAT.md) and WAN's video-token
-products (GENQ_WAN_LINEAR=fp8, pipelines/wan_fp8_linear.py).
+"""FP8 weights for linear layers: the chat models' (GENQ_CHAT_WEIGHTS=fp8, docs/CHAT.md), WAN's video-token
+products (GENQ_WAN_LINEAR=fp8, pipelines/wan_fp8_linear.py) and the SDXL UNet's token products
+(GENQ_SDXL_LINEAR=fp8, pipelines/sdxl_fp8_linear.py).
 
 A decode step reads every weight once per token for a few rows of activations: it is bound by memory
 bandwidth, not arithmetic. Stored as float8 e4m3 with one fp32 scale per output feature, a weight is
@@ -91,8 +92,12 @@ def _scaled_mm_rows(rows, weight, scale, bias, fast_accum=False):
     # one pass over the rows (a kernel) where it applies, else torch's two
     quantise = fp8_rows.quantise_rows if fp8_rows.supported(rows) else quantise_rows_reference
     quantised, row_scale = quantise(rows)
-    return torch._scaled_mm(quantised, weight.t(), scale_a=row_scale, scale_b=scale[None, :], bias=bias,
-                            out_dtype=rows.dtype, use_fast_accum=fast_accum)
+    # torch's rowwise-scaled product writes bf16 only: an fp16 model (SDXL) gets its dtype back after it
+    out_dtype = torch.bfloat16 if rows.dtype == torch.float16 else rows.dtype
+    out = torch._scaled_mm(quantised, weight.t(), scale_a=row_scale, scale_b=scale[None, :],
+                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                           use_fast_accum=fast_accum)
+    return out.to(rows.dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -129,26 +134,38 @@ def check_device(device: torch.device) -> None:
 
 
 def require_fp8_card(device: torch.device, setting: str) -> None:
-    """For a lever that has no CPU path (WAN's): a CUDA card of compute capability 8.9 or later, else a
-    RuntimeError naming `setting`."""
+    """For a lever that has no CPU path (WAN's, SDXL's): a CUDA card of compute capability 8.9 or later, else
+    a RuntimeError naming `setting`."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError(f"{setting} needs a CUDA card of compute capability 8.9 or later; the WAN transformer "
-                           f"is on {device}")
+        raise RuntimeError(f"{setting} needs a CUDA card of compute capability 8.9 or later; the model is on {device}")
 
 
 @torch.no_grad()
+def replace_linears(model: nn.Module, names: list[str], chunk: int | None = PROMPT_CHUNK,
+                    fast_accum: bool = False) -> int:
+    """The nn.Linear layers at these dotted paths replaced in place by Fp8Linear copies, one at a time, so
+    each weight is freed as its copy is made. Returns how many were replaced."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), chunk, fast_accum))
+    return len(names)
+
+
+def linear_names(model: nn.Module, suffixes: tuple[str, ...], within: tuple[str, ...]) -> list[str]:
+    """Paths of the plain nn.Linear layers under the `within` prefixes whose paths end in one of `suffixes`
+    (whole path components: "to_q" does not match "attn1.add_to_q")."""
+    ends = tuple(f".{suffix}" for suffix in suffixes)
+    return [name for name, mod in model.named_modules()
+            if type(mod) is nn.Linear and name.startswith(within) and f".{name}".endswith(ends)]
+
+
 def quantise_model(model: nn.Module) -> int:
     """Every nn.Linear of the decoder layers, and an untied LM head, replaced by an Fp8Linear in place,
     one at a time (the bf16 weight is freed as its copy is made). Returns how many were replaced."""
-    targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is nn.Linear
-               and (".layers." in f".{name}" or name == "lm_head")]
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    replaced = 0
-    for name, mod in targets:
-        if embed is not None and mod.weight is getattr(embed, "weight", None):
-            continue  # tied to the embedding table: quantising would hold the table twice
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear.from_linear(mod))
-        replaced += 1
-    return replaced
+    names = [name for name, mod in model.named_modules() if type(mod) is nn.Linear
+             and (".layers." in f".{name}" or name == "lm_head")
+             # a head tied to the embedding table stays: quantising would hold the table twice
+             and not (embed is not None and mod.weight is getattr(embed, "weight", None))]
+    return replace_linears(model, names)

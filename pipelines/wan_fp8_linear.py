@@ -15,7 +15,6 @@ embeddings, the output projection and the image-to-video branch.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from . import fp8_linear
 
@@ -33,23 +32,10 @@ def check_device(device: torch.device) -> None:
     fp8_linear.require_fp8_card(device, "GENQ_WAN_LINEAR=fp8")
 
 
-@torch.no_grad()
 def quantise_video_linears(transformer, fast_accum: bool = FAST_ACCUM) -> int:
-    """Every block's VIDEO_LINEARS replaced in place by an Fp8Linear, one at a time so each bf16 weight is
-    freed as its copy is made; returns how many layers were replaced. accelerate_wan fuses q|k|v first
-    (accel.fuse_wan_qkv), so each self-attention quantises its input once for the three."""
-    replaced = 0
-    for block in _blocks(transformer):
-        for path in VIDEO_LINEARS:
-            parent_path, _, child = path.rpartition(".")
-            parent = block.get_submodule(parent_path) if parent_path else block
-            layer = getattr(parent, child, None)
-            if type(layer) is nn.Linear:
-                # one product for all 32,760 rows: chunks only bound an eager caller's fp32 temporaries
-                setattr(parent, child, fp8_linear.Fp8Linear.from_linear(layer, chunk=None, fast_accum=fast_accum))
-                replaced += 1
-    return replaced
-
-
-def _blocks(transformer) -> list:
-    return [*transformer.blocks, *getattr(transformer, "vace_blocks", ())]
+    """Every block's VIDEO_LINEARS replaced in place by an Fp8Linear (fp8_linear.replace_linears); returns how
+    many layers were replaced. accelerate_wan fuses q|k|v first (accel.fuse_wan_qkv), so each
+    self-attention quantises its input once for the three."""
+    names = fp8_linear.linear_names(transformer, VIDEO_LINEARS, within=("blocks.", "vace_blocks."))
+    # one product for all 32,760 rows: chunks only bound an eager caller's fp32 temporaries
+    return fp8_linear.replace_linears(transformer, names, chunk=None, fast_accum=fast_accum)

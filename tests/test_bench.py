@@ -98,7 +98,7 @@ def test_fp8_gemm_times_wans_products_in_bf16_and_e4m3(tmp_path):
     row = report["stages"]["tiny"]
     assert row["bf16_ms"] > 0 and row["path_ms"] > 0 and row["path_fast_ms"] > 0
     assert 1e-4 < row["path_rel_l2_vs_bf16"] < 0.1  # e4m3 weights: a few percent
-    assert report["block_pass_bf16_ms"] > 0
+    assert report["tiny_pass_bf16_ms"] > 0
 
 
 def test_the_profiles_need_a_gpu_and_say_so(tmp_path):
