@@ -66,6 +66,7 @@ def layer(name: str, shape: tuple[int, int], rows: int, device: str, dtype: torc
     from pipelines import fp8_linear
 
     n, k = shape
+    torch._dynamo.reset()  # each layer compiles the same lambdas afresh: past dynamo's recompile limit otherwise
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(rows, k, device=device, dtype=dtype, generator=g)
     w = torch.randn(n, k, device=device, dtype=dtype, generator=g) / k**0.5
