@@ -4,7 +4,7 @@
 
 `qwen`: Qwen 2.5 7B's products for a 300-token prompt (GENQ_CHAT_WEIGHTS=fp8's prefill path) instead.
 `sdxl`: the SDXL UNet's transformer products of one guided 1024x1024 image (UNet batch 2: 8,192 rows at
-640 channels, 2,048 at 1280), in fp16 as the UNet runs (GENQ_SDXL_LINEAR=fp8); `sdxl6`: a 6-image job's
+640 channels, 2,048 at 1280), in fp16 as the UNet runs (bench/sdxl.py --fp8-linear); `sdxl6`: a 6-image job's
 (batch 12, one graph).
 
 Per layer of a block (q|k|v fused, attention output, cross-attention query, feed-forward in and out):

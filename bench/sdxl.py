@@ -4,9 +4,10 @@
                          [--fp8-linear]
 
 --skip-6img / --skip-memory leave out the 6-image figures and the memory tables (a shorter device call).
---fp8-linear: after the accelerated figures, the same pipeline with GENQ_SDXL_LINEAR=fp8 (the UNet's token
-products in e4m3, compiled anew): its figures (`fp8_*`), and its difference from the baseline and from the
-exact accelerated path (`fp8_equality`). The whole-batch 6-image figure is left out to fit the call.
+--fp8-linear: after the accelerated figures, the same pipeline with the UNet's token products in e4m3
+(`use_fp8_linear`, an experiment: not a daemon setting), compiled anew: its figures (`fp8_*`), and its
+difference from the baseline and from the exact accelerated path (`fp8_equality`). The whole-batch 6-image
+figure is left out to fit the call.
 Ours at 6 images is timed twice: as the daemon runs it by default (one-image chunks through the 1-image
 graph, pipelines/unet_batches.py) and with the batch run whole on a graph of its own (SDXL_WARMUP_EXTRA).
 """
@@ -55,7 +56,7 @@ def main() -> None:
                                            ap.add_argument("--skip-memory", action="store_true",
                                                            help="leave out the memory tables"),
                                            ap.add_argument("--fp8-linear", action="store_true",
-                                                           help="also time GENQ_SDXL_LINEAR=fp8")))
+                                                           help="also time FP8 token products")))
     accel = import_accel()
     dev, tiny = args.device, args.tiny
     if tiny:  # a smoke run checks the code paths, not the speed
@@ -197,11 +198,19 @@ def main() -> None:
     print("SUMMARY", rep.data["env"].get("card"), rep.data["summary"], flush=True)
 
 
+# Per transformer block: self-attention q|k|v (fused) and output, cross-attention query and output, the
+# feed-forward's two layers; each transformer's input and output projections. The cross-attention's keys and
+# values (77 text tokens), the embeddings and every convolution stay fp16.
+TOKEN_LINEARS = ("attn1.to_qkv", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2",
+                 "proj_in", "proj_out")
+
+
 def use_fp8_linear(pipe, accel, opts, compile: bool) -> dict:
-    """The accelerated pipeline switched to GENQ_SDXL_LINEAR=fp8 as a daemon would start with it: the UNet's
-    token products quantised (pipelines/sdxl_fp8_linear.py), then, if `compile`, the UNet and the VAE
-    decoder compiled anew from their class forwards."""
-    from pipelines import sdxl_fp8_linear
+    """The accelerated pipeline with the UNet's TOKEN_LINEARS as pipelines/fp8_linear.Fp8Linear (e4m3 weights
+    with per-feature scales, activations scaled per token by pipelines/fp8_rows.py, fast accumulation: WAN's
+    GENQ_WAN_LINEAR=fp8 recipe), then, if `compile`, the UNet and the VAE decoder compiled anew from their
+    class forwards."""
+    from pipelines import fp8_linear
 
     for module in (pipe.unet, pipe.vae.decoder):
         vars(module).pop("forward", None)  # the compiled (and chunking) forwards from compile_sdxl
@@ -209,11 +218,12 @@ def use_fp8_linear(pipe, accel, opts, compile: bool) -> dict:
     device = str(pipe.unet.device)
     reset_memory(device)
     before = memory(device).get("allocated_gib")
-    levers = {"fp8_linears": sdxl_fp8_linear.quantise_unet_linears(pipe.unet)}
+    names = fp8_linear.linear_names(pipe.unet, TOKEN_LINEARS, within=("down_blocks.", "mid_block.", "up_blocks."))
+    levers = {"fp8_linears": fp8_linear.replace_linears(pipe.unet, names, chunk=None, fast_accum=True)}
     reset_memory(device)
     levers.update(resident_gib_before=before, resident_gib_after=memory(device).get("allocated_gib"))
-    if compile:
-        levers["compile"] = accel.compile_sdxl(pipe, opts.model_copy(update={"sdxl_linear": "fp8"}))
+    if compile:  # no dynamo cache: its entries keep no guard on which layer classes they traced
+        levers["compile"] = accel.compile_sdxl(pipe, opts.model_copy(update={"dynamo_cache": False}))
     return levers
 
 

@@ -2,10 +2,7 @@
 its time: kernel time by kind for the plain fp16 UNet and for the accelerated one (pipelines.accel.accelerate_sdxl: fused q|k|v,
 channels-last, torch.compile), against the step's FLOPs counted by torch's FlopCounterMode.
 
-    python -m bench.sdxl_profile [--tiny] [--compile-mode MODE] [--images 1] [--fp8-linear] [--out DIR]
-
---fp8-linear: a third mode, the accelerated UNet with its token products in e4m3 (GENQ_SDXL_LINEAR=fp8),
-compiled anew.
+    python -m bench.sdxl_profile [--tiny] [--compile-mode MODE] [--images 1] [--out DIR]
 
 Each mode: one warm-up step (the accelerated one compiles, ~2 min on an H200), three timed steps
 (synchronised, min), one step under torch.profiler. Writes OUT/sdxl_profile.json and the top kernels per
@@ -42,8 +39,7 @@ def main() -> int:
     args, out = parse_args(__doc__, "sdxl_profile", lambda ap: (
         ap.add_argument("--compile-mode", default=None,
                         help="torch.compile mode of the accelerated UNet (reduce-overhead: graphs)"),
-        ap.add_argument("--images", type=int, default=1, help="images per step (the UNet runs at twice this)"),
-        ap.add_argument("--fp8-linear", action="store_true", help="also profile GENQ_SDXL_LINEAR=fp8")))
+        ap.add_argument("--images", type=int, default=1, help="images per step (the UNet runs at twice this)")))
     if args is None:
         return 1
     pipe = build_sdxl("cuda", tiny=args.tiny)
@@ -56,24 +52,17 @@ def main() -> int:
     by_op = {str(op): round(n / 1e12, 3) for op, n in flops.get_flop_counts()["Global"].items()}
     report = {**header(), "images": args.images, "tflop_per_step": round(tflop, 2), "tflop_by_op": by_op, "modes": {}}
     path = out / "sdxl_profile.json"
-    accel = import_accel()
-    opts = accel.AccelOptions(enabled=True, compile=True, compile_mode=args.compile_mode)
-    for mode in ("baseline", "accelerated", *(["accelerated+fp8-linear"] if args.fp8_linear else [])):
+    for mode in ("baseline", "accelerated"):
         if mode == "accelerated":
+            accel = import_accel()
+            opts = accel.AccelOptions(enabled=True, compile=True, compile_mode=args.compile_mode)
             report["accelerated_with"] = accel.accelerate_sdxl(pipe, opts)
             inputs = (inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
-        elif mode == "accelerated+fp8-linear":
-            from bench.sdxl import use_fp8_linear
-
-            report["fp8_linear"] = use_fp8_linear(pipe, accel, opts, compile=True)
         rec = profile_call(lambda: _step(pipe.unet, *inputs), out / f"sdxl_profile_{mode}.txt")
         rec["tflop_s"] = round(tflop / rec["wall_s_min"], 1)
         report["modes"][mode] = rec
         path.write_text(json.dumps(report, indent=1))
     report["ratio"] = round(report["modes"]["baseline"]["wall_s_min"] / report["modes"]["accelerated"]["wall_s_min"], 3)
-    if args.fp8_linear:
-        report["fp8_ratio"] = round(report["modes"]["baseline"]["wall_s_min"]
-                                    / report["modes"]["accelerated+fp8-linear"]["wall_s_min"], 3)
     path.write_text(json.dumps(report, indent=1))
     print_report(report)
     return 0

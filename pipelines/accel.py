@@ -19,8 +19,6 @@ Switches (environment, read by AccelOptions.from_env):
                              approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
                              (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
-  GENQ_SDXL_LINEAR           fp16 (default) or fp8: the SDXL UNet's token products in e4m3
-                             (pipelines/sdxl_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
   GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
 
@@ -59,7 +57,6 @@ class AccelOptions(BaseModel):
     wan_attention_backend: str = Field("_native_cudnn", validation_alias="GENQ_WAN_ATTENTION")
     wan_linear: Literal["bf16", "fp8"] = Field("bf16", validation_alias="GENQ_WAN_LINEAR")
     wan_vae_bf16: bool = Field(False, validation_alias="GENQ_WAN_VAE_BF16")
-    sdxl_linear: Literal["fp16", "fp8"] = Field("fp16", validation_alias="GENQ_SDXL_LINEAR")
     # cuDNN autotuning tries algorithms whose workspaces reach tens of GB for each new convolution
     # shape (+35 GiB for a moment in a WAN VAE decode on an H200, beyond any admission budget): only
     # for a daemon that has its card to itself.
@@ -140,11 +137,6 @@ def accelerate_sdxl(pipe, opts: AccelOptions) -> list[str]:
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     applied.append("channels_last")
-    if opts.sdxl_linear == "fp8":
-        from . import sdxl_fp8_linear
-
-        sdxl_fp8_linear.check_device(pipe.unet.device)
-        applied.append(f"linear:fp8:{sdxl_fp8_linear.quantise_unet_linears(pipe.unet)}")
     if opts.compile:
         applied.append(compile_sdxl(pipe, opts))
     return applied
@@ -153,10 +145,7 @@ def accelerate_sdxl(pipe, opts: AccelOptions) -> list[str]:
 def compile_sdxl(pipe, opts: AccelOptions) -> str:
     """Compile the UNet and the VAE decoder in place: one static graph per input shape, the UNet's image
     counts served by one graph per size (pipelines/unet_batches.py), unless GENQ_COMPILE_DYNAMIC."""
-    # dynamo's cached entries keep no guard on which layer classes they traced: a UNet with FP8 products
-    # gets a folder of its own, so neither kind of start loads the other's graphs
-    fp8 = opts.sdxl_linear == "fp8" and opts.cache_dir
-    configure_compile_cache(os.path.join(opts.cache_dir, "sdxl-fp8") if fp8 else opts.cache_dir)
+    configure_compile_cache(opts.cache_dir)
     _inductor_flags()
     # Static graphs: under torch's default (dynamic=None) a second shape compiles with symbolic sizes, and
     # dynamo, trying the newest graph first, then runs the first shape's jobs on it too (measured after

@@ -1,6 +1,6 @@
-"""FP8 weights for linear layers: the chat models' (GENQ_CHAT_WEIGHTS=fp8, docs/CHAT.md), WAN's video-token
-products (GENQ_WAN_LINEAR=fp8, pipelines/wan_fp8_linear.py) and the SDXL UNet's token products
-(GENQ_SDXL_LINEAR=fp8, pipelines/sdxl_fp8_linear.py).
+"""FP8 weights for linear layers: the chat models' (GENQ_CHAT_WEIGHTS=fp8, docs/CHAT.md) and WAN's video-token
+products (GENQ_WAN_LINEAR=fp8, pipelines/wan_fp8_linear.py); bench/sdxl.py --fp8-linear measures the SDXL
+UNet's (not shipped: 1.03x, docs/PERFORMANCE.md).
 
 A decode step reads every weight once per token for a few rows of activations: it is bound by memory
 bandwidth, not arithmetic. Stored as float8 e4m3 with one fp32 scale per output feature, a weight is
@@ -92,7 +92,7 @@ def _scaled_mm_rows(rows, weight, scale, bias, fast_accum=False):
     # one pass over the rows (a kernel) where it applies, else torch's two
     quantise = fp8_rows.quantise_rows if fp8_rows.supported(rows) else quantise_rows_reference
     quantised, row_scale = quantise(rows)
-    # torch's rowwise-scaled product writes bf16 only: an fp16 model (SDXL) gets its dtype back after it
+    # torch's rowwise-scaled product writes bf16 only: an fp16 model (SDXL's UNet) gets its dtype back after it
     out_dtype = torch.bfloat16 if rows.dtype == torch.float16 else rows.dtype
     out = torch._scaled_mm(quantised, weight.t(), scale_a=row_scale, scale_b=scale[None, :],
                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
@@ -134,7 +134,7 @@ def check_device(device: torch.device) -> None:
 
 
 def require_fp8_card(device: torch.device, setting: str) -> None:
-    """For a lever that has no CPU path (WAN's, SDXL's): a CUDA card of compute capability 8.9 or later, else
+    """For a lever that has no CPU path (WAN's): a CUDA card of compute capability 8.9 or later, else
     a RuntimeError naming `setting`."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise RuntimeError(f"{setting} needs a CUDA card of compute capability 8.9 or later; the model is on {device}")

@@ -50,6 +50,18 @@ def test_qwen_with_fp8_weights_runs_the_engine_again_and_measures_the_difference
     assert fp8["engine_3streams_tok_s"] > 0 and 0 < fp8["difference"]["logits"]["rel_l2"] < 0.5
 
 
+def test_sdxl_with_fp8_products_times_them_and_measures_their_difference(tmp_path):
+    done = run_bench("bench.sdxl", tmp_path, "--runs", "1", "--device", "cpu", "--skip-memory", "--fp8-linear")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "sdxl_tiny.json").read_text())
+    assert report["errors"] == {}
+    stages = report["stages"]
+    assert stages["fp8_levers"]["fp8_linears"] > 0 and "fp8_6img_2steps" in stages
+    # an approximation: measured against the exact accelerated path, and not equal to it
+    assert 0 < stages["fp8_equality"]["end_to_end_latents_vs_accel"]["rel_l2"] < 0.2
+    assert report["summary"]["fp8"]["1img_2steps_vs_accel"] > 0
+
+
 def test_skinny_gemm_times_fp8_weights_against_bf16_cublas(tmp_path):
     env = {"TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-m", "bench.skinny_gemm", "--tiny", "--device", "cpu", "--rows", "4",

@@ -72,6 +72,18 @@ def test_a_long_prompt_is_quantised_in_chunks_with_the_same_result(monkeypatch):
     assert chunked.shape == (2, 5, 48) and rel(chunked, whole) < 1e-6  # each row quantised alike
 
 
+def test_linear_names_match_whole_path_components_under_the_given_parts():
+    model = nn.ModuleDict({
+        "blocks": nn.ModuleList([nn.ModuleDict({"to_q": nn.Linear(4, 4), "add_to_q": nn.Linear(4, 4),
+                                                "norm": nn.LayerNorm(4)})]),
+        "head": nn.ModuleDict({"to_q": nn.Linear(4, 4)}),
+    })
+    assert fp8_linear.linear_names(model, ("to_q",), within=("blocks.",)) == ["blocks.0.to_q"]
+    assert fp8_linear.replace_linears(model, ["blocks.0.to_q"], chunk=None) == 1
+    assert isinstance(model["blocks"][0]["to_q"], Fp8Linear) and type(model["head"]["to_q"]) is nn.Linear
+    assert fp8_linear.linear_names(model, ("to_q",), within=("blocks.",)) == []  # replaced: not an nn.Linear
+
+
 def test_quantise_model_rewrites_the_decoder_layers_and_an_untied_head_only():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
