@@ -38,11 +38,17 @@ def test_each_benchmark_runs_every_stage_and_writes_its_summary(tmp_path, name, 
     assert report["env"]["card"] == "cpu"
 
 
-def test_qwen_with_fp8_weights_runs_the_engine_again_and_measures_the_difference(tmp_path):
-    done = run_bench("bench.qwen", tmp_path, "--runs", "1", "--device", "cpu", "--weights", "fp8")
+def tiny_report(name: str, out: Path, *args: str) -> dict:
+    """bench.<name> --tiny on the CPU, one timed run: its report, after checking no stage failed."""
+    done = run_bench(f"bench.{name}", out, "--runs", "1", "--device", "cpu", *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "qwen_tiny.json").read_text())
+    report = json.loads((out / f"{name}_tiny.json").read_text())
     assert report["errors"] == {}
+    return report
+
+
+def test_qwen_with_fp8_weights_runs_the_engine_again_and_measures_the_difference(tmp_path):
+    report = tiny_report("qwen", tmp_path, "--weights", "fp8")
     stages = report["stages"]
     assert stages["fp8_quantise"]["replaced_layers"] > 0 and "equality_fp8" in stages
     assert stages["engine_setup_fp8"]["weights_gb"] <= stages["engine_setup"]["weights_gb"]
@@ -51,10 +57,7 @@ def test_qwen_with_fp8_weights_runs_the_engine_again_and_measures_the_difference
 
 
 def test_sdxl_with_fp8_products_times_them_and_measures_their_difference(tmp_path):
-    done = run_bench("bench.sdxl", tmp_path, "--runs", "1", "--device", "cpu", "--skip-memory", "--fp8-linear")
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "sdxl_tiny.json").read_text())
-    assert report["errors"] == {}
+    report = tiny_report("sdxl", tmp_path, "--skip-memory", "--fp8-linear")
     stages = report["stages"]
     assert stages["fp8_levers"]["fp8_linears"] > 0 and "fp8_6img_2steps" in stages
     # an approximation: measured against the exact accelerated path, and not equal to it
