@@ -39,8 +39,8 @@ def _stats(values: list[float]) -> dict:
             "max": round(max(values), 4)}
 
 
-def fp8_weights(rep: Report, model, dev: str) -> None:
-    """Quantise the model in place, as the daemon does with GENQ_CHAT_WEIGHTS=fp8."""
+def fp8_weights(rep: Report, model, dev: str) -> bool:
+    """Quantise the model in place, as the daemon does with GENQ_CHAT_WEIGHTS=fp8; False if that failed."""
     from pipelines.fp8_linear import quantise_model
 
     def quantise():
@@ -51,7 +51,7 @@ def fp8_weights(rep: Report, model, dev: str) -> None:
         return {"replaced_layers": replaced, "quantise_s": round(time.perf_counter() - t0, 2),
                 "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), **memory(dev)}
 
-    rep.stage("fp8_quantise", quantise)
+    return rep.stage("fp8_quantise", quantise) is not None
 
 
 def fp8_difference(st: dict, model) -> dict:
@@ -292,8 +292,7 @@ def main() -> None:
 
     if args.weights != "fp8":
         rep.stage("memory_grid", memory_grid, optional_cost_s=60)
-    else:
-        fp8_weights(rep, model, dev)
+    elif fp8_weights(rep, model, dev):  # else no FP8 stage: a model left half quantised is not the FP8 one
         run_engine("_fp8")
         rep.stage("fp8_difference", lambda: fp8_difference(st, model))
     s = rep.data["stages"]
