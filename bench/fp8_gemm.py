@@ -8,8 +8,8 @@
 (batch 12, one graph).
 
 Per layer of a block (q|k|v fused, attention output, cross-attention query, feed-forward in and out):
-F.linear in the model's dtype (the exact path; labelled `bf16`, fp16 for SDXL), pipelines/fp8_rows.py's quantisation alone (and whether it gives
-torch's values), torch._scaled_mm alone on operands quantised beforehand (rowwise
+F.linear in the model's dtype (the exact path; labelled `bf16`, fp16 for SDXL), pipelines/fp8_rows.py's
+quantisation alone (and whether it gives torch's values), torch._scaled_mm alone on operands quantised beforehand (rowwise
 scales; with and without fast accumulation), and pipelines/fp8_linear.scaled_mm whole (each row's
 quantisation and the product) compiled with fullgraph=True, as the compiled WAN blocks call it
 (GENQ_WAN_LINEAR=fp8), and the Fp8Linear module compiled the same way (`module`: an error there is a graph
@@ -98,7 +98,8 @@ def layer(name: str, shape: tuple[int, int], rows: int, device: str, dtype: torc
         row["quantise_rows_scales_equal"] = bool(torch.equal(ks, xs))
         for fast in (False, True):
             timed(f"scaled_mm{'_fast' if fast else ''}", lambda fast=fast: torch._scaled_mm(
-                xq, wq.t(), scale_a=xs, scale_b=ws[None, :], bias=b.to(torch.bfloat16), out_dtype=torch.bfloat16, use_fast_accum=fast))
+                xq, wq.t(), scale_a=xs, scale_b=ws[None, :], bias=b.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                use_fast_accum=fast))
     for fast in (False, True):
         path = torch.compile(lambda x, fast=fast: fp8_linear.scaled_mm(x, wq, ws, b, chunk=None, fast_accum=fast),
                              fullgraph=True) if device == "cuda" else (
