@@ -4,21 +4,26 @@
 
 For each projection shape (q|k|v with bias, o, down, gate|up, LM head): cuBLAS (F.linear), inductor's
 fused reduction (coordinate-descent tuned, as the chat decoder compiles it; for down also with its
-producer SiLU(gate) * up fused in, as in the decode graph), and `bench/splitk.py`'s kernel over a sweep
-of block sizes and splits (kernel, partial sums and bias, as one op). Every figure is a CUDA-graph replay
+producer SiLU(gate) * up fused in, as in the decode graph), and pipelines/skinny_linear.py's one-row
+(`vector`) kernel over a sweep of block sizes and splits (kernel, partial sums and bias, as one op). Every figure is a CUDA-graph replay
 over enough copies of the weight that none is served from L2 (as a decode step reads 28 layers' weights
 once each), so launch overhead and cache hits do not flatter small kernels. Writes OUT/gemv.json: GB/s per
 method and the best split-K config per shape and per split.
+
+Measured on an H200 (docs/PERFORMANCE.md, "Qwen: hand-written matrix-vector kernels"): in bf16 the kernel
+beats inductor on down (+6%) and o (+7%) alone, but in the compiled decode step it was slower (192 vs 206
+tok/s: more kernels and idle gaps than the bandwidth saved), so the bf16 decoder keeps inductor's
+reductions; with FP8 weights the chat engine's one-row step runs it (GENQ_CHAT_WEIGHTS=fp8).
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-from bench import splitk
 from bench.harness import Report, graph_time, parse_args
 
 # name, out_features, in_features, bias (Qwen 2.5 7B: hidden 3584, MLP 18944, 28 + 2 x 4 heads of 128)
@@ -27,14 +32,29 @@ SHAPES = [("qkv", 4608, 3584, True), ("o", 3584, 3584, False), ("down", 3584, 18
 TINY = [("qkv", 96, 64, True), ("down", 64, 256, False)]
 
 
-def _configs(n: int, k: int, tiny: bool):
+def vector_configs(n: int, k: int, tiny: bool, elem: int = 2):
+    """Launch shapes of skinny_linear's one-row kernel for an n x k weight of `elem` bytes a value: blocks of
+    a few features x 256-2048 bytes of K, 8-64 weights a thread, enough programs for 132 SMs."""
+    from pipelines.skinny_linear import Config
+
     if tiny:
-        yield splitk.Config(16, 32, 2, 4)
+        yield Config(16, 32, 2, 4, 1, True)
         return
-    for bn, bk, split, warps in itertools.product((4, 8, 16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 8, 16),
-                                                  (4, 8)):
-        if 1024 <= bn * bk <= 16384 and k // split >= bk and bn <= n:
-            yield splitk.Config(bn, bk, split, warps)
+    for bn, kbytes, split, warps, stages in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048),
+                                                               (1, 2, 4), (4, 8), (1, 3)):
+        bk = kbytes // elem
+        if (8 <= bn * bk // (32 * warps) <= 64 and k // split >= bk and bn <= n
+                and -(-n // bn) * split >= 132):
+            yield Config(bn, bk, split, warps, stages, True)
+
+
+def kernel_available(t: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on t's device (TRITON_INTERPRET=1 runs them on the CPU)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # CPU-only installs
+        return False
+    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _shape(name, n, k, bias, args, report, device) -> dict:
@@ -63,15 +83,17 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
                 fused = torch.compile(lambda gu, w: F.linear(F.silu(gu[..., :k]) * gu[..., k:], w), dynamic=False)
                 row["inductor_producer_fused_gbs"] = rate(
                     graph_time(lambda: [fused(g, w) for g, w in zip(gus, ws)], reps, device) / copies)
-    if not splitk.available(xs[0]):
+    if not kernel_available(xs[0]):
         return row
+    from pipelines import skinny_linear
+
     best: dict[int, tuple] = {}  # split -> (config, seconds): the op as the decode step runs it
-    for cfg in _configs(n, k, args.tiny):
+    for cfg in vector_configs(n, k, args.tiny):
         if report.elapsed() > args.budget_s:
             row["sweep_cut_by_budget"] = True
             break
         try:
-            op = each(lambda x, w, b: splitk.product(x.view(-1), w, b, cfg))
+            op = each(lambda x, w, b: skinny_linear.linear(x, w, b, cfg))
             seconds = graph_time(op, reps, device) / copies
         except Exception as exc:  # a config Triton cannot compile (registers, shared memory): skip it
             row.setdefault("failed_configs", []).append([*cfg, type(exc).__name__])
@@ -82,10 +104,10 @@ def _shape(name, n, k, bias, args, report, device) -> dict:
         row["splitk_best_per_split"] = {s: {**c._asdict(), "gbs": rate(t)} for s, (c, t) in sorted(best.items())}
         cfg, seconds = min(best.values(), key=lambda item: item[1])
         row["splitk_best"] = {**cfg._asdict(), "gbs": rate(seconds)}
-        y = splitk.product(xs[0].view(-1), ws[0], bs[0], cfg).float()
-        ref = F.linear(xs[0], ws[0], bs[0]).float().view(-1)
+        y = skinny_linear.linear(xs[0], ws[0], bs[0], cfg).float()
+        ref = F.linear(xs[0], ws[0], bs[0]).float()
         row["rel_l2_vs_cublas"] = float((y - ref).norm() / ref.norm())
-        row["deterministic"] = bool(torch.equal(y, splitk.product(xs[0].view(-1), ws[0], bs[0], cfg).float()))
+        row["deterministic"] = bool(torch.equal(y, skinny_linear.linear(xs[0], ws[0], bs[0], cfg).float()))
     return row
 
 

@@ -19,7 +19,7 @@ _KINDS = [("triton_reduction", re.compile(r"^triton_(red|per)_", re.I)),
           ("fp8_rows", re.compile(r"^_rows_kernel")),  # pipelines/fp8_rows.py: activations to e4m3
           ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient", re.I)),  # before gemm: cuDNN's say sm90
           ("conv", re.compile(r"conv|implicit_gemm|winograd|fprop", re.I)),  # cuDNN convolutions, before gemm too
-          ("gemm", re.compile(r"gemv|gemm|sm90|cutlass|xmma|ampere_|nvjet|splitk|_partials_kernel|_skinny_kernel|_sum_slices_kernel", re.I)),
+          ("gemm", re.compile(r"gemv|gemm|sm90|cutlass|xmma|ampere_|nvjet|splitk|_partials_kernel|_skinny_kernel|_vector_kernel|_sum_slices_kernel", re.I)),
           ("copy_or_fill", re.compile(r"copy|memcpy|memset|fill|index|scatter|gather", re.I))]
 
 

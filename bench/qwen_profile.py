@@ -2,7 +2,7 @@
 decoder (the production `BatchOptions` defaults), against the bandwidth floor.
 
     python -m bench.qwen_profile [--tiny] [--attention packed,matmul,matmul@max-autotune,matmul+flex+pdl]
-                                 [--rows 1] [--tokens 64] [--out DIR]
+                                 [--rows 1] [--tokens 64] [--weights bf16,fp8] [--out DIR]
 
 For each decode attention (GENQ_CHAT_ATTENTION), optionally `@` a torch.compile mode (GENQ_CHAT_COMPILE_MODE;
 max-autotune turns the single-row coordinate-descent tuning off, as it autotunes itself) and `+` candidate
@@ -12,7 +12,9 @@ production variant before it is adopted: warm the `--rows` x 1024 shape, time `-
 kind (matrix products, Triton reductions, Triton pointwise, attention, copies, other), count kernels per
 step, and report the step's wall time minus its kernel time (idle gaps between kernels) and the fraction
 of the card's datasheet bandwidth reached (weights read per step). Writes OUT/qwen_profile.json and the
-top kernels table OUT/qwen_profile_<attention>[_<mode>].txt.
+top kernels table OUT/qwen_profile_<attention>[_<mode>].txt. `--weights bf16,fp8` runs every variant in
+bf16, then quantises the same model in place (GENQ_CHAT_WEIGHTS=fp8, pipelines/fp8_linear.py) and runs
+them again, labelled `<variant>_fp8`: the two weight formats' steps in one process.
 """
 from __future__ import annotations
 
@@ -100,14 +102,16 @@ def _skinny_or_cublas(x, weight, bias=None):
 
 
 def _load_skinny_table(path: str, rows: int) -> None:
-    """skinny_linear.TABLE from bench/skinny_gemm.py's JSON: each shape's best config at `rows` rows."""
+    """skinny_linear.TABLE from bench/skinny_gemm.py's JSON: each shape's best config at `rows` rows, for
+    bf16 and FP8 weights."""
     from pipelines import skinny_linear
 
     stages = json.loads(Path(path).read_text())["stages"]
     for rec in stages.values():
-        if rec.get("rows") == rows and rec.get("weights", "bf16") == "bf16" and "best" in rec:
+        if rec.get("rows") == rows and "best" in rec:
             best = {k: v for k, v in rec["best"].items() if k in skinny_linear.Config._fields}
-            skinny_linear.TABLE[(rec["n"], rec["k"])] = skinny_linear.Config(**best)
+            key = (rec["n"], rec["k"], rows == 1, rec.get("weights", "bf16") == "fp8")
+            skinny_linear.TABLE[key] = skinny_linear.Config(**best)
 
 
 TWEAKS = {"down-split": [(decoder_module, "mlp", _mlp_down_split)],
@@ -213,7 +217,8 @@ def main() -> int:
     args, out = parse_args(__doc__, "qwen_profile", lambda ap: (
         ap.add_argument("--attention", default="packed,matmul"), ap.add_argument("--tokens", type=int, default=64),
         ap.add_argument("--prompt-tokens", type=int, default=300), ap.add_argument("--rows", type=int, default=1),
-        ap.add_argument("--skinny-table", default=None, help="bench/skinny_gemm.py's JSON: configs for +skinny")))
+        ap.add_argument("--skinny-table", default=None, help="bench/skinny_gemm.py's JSON: configs for +skinny"),
+        ap.add_argument("--weights", default="bf16", help="bf16, fp8 or bf16,fp8 (in that order, one model)")))
     if args is None:
         return 1
     variants = list(filter(None, args.attention.split(",")))
@@ -223,14 +228,26 @@ def main() -> int:
     if args.skinny_table:
         _load_skinny_table(args.skinny_table, args.rows)
     model = build_qwen("cuda", tiny=args.tiny)
-    weight_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
-    read, bandwidth = decode_read_bytes(model), bandwidth_tb_s(torch.cuda.get_device_name()) or 4.8
+    bandwidth = bandwidth_tb_s(torch.cuda.get_device_name()) or 4.8
     prompt = torch.randint(100, 1000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
-    report = {**header(), "weights_gb": round(weight_gb, 2), "modes": {}}
+    report = {**header(), "modes": {}}
     path = out / "qwen_profile.json"
     first_tokens = None
-    for variant in variants:
-        label = variant.replace("@", "_").replace("+", "_")
+    runs = []
+    for weights in args.weights.split(","):
+        if weights not in ("bf16", "fp8"):
+            raise SystemExit(f"--weights: {weights!r} is neither bf16 nor fp8")
+        runs += [(weights, variant) for variant in variants]
+    for weights, variant in runs:
+        if weights == "fp8" and "weights_gb_fp8" not in report:
+            from pipelines.fp8_linear import quantise_model
+
+            report["fp8_replaced_layers"] = quantise_model(model)
+            first_tokens = None  # FP8 weights' tokens are compared among themselves
+        key = "weights_gb" if weights == "bf16" else "weights_gb_fp8"
+        report[key] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2)
+        read = decode_read_bytes(model)
+        label = variant.replace("@", "_").replace("+", "_") + ("_fp8" if weights == "fp8" else "")
         try:
             rec, tokens = _variant(model, variant, prompt, args, out, label)
         except Exception as exc:  # a candidate that does not compile on this torch is a result too

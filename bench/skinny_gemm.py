@@ -21,13 +21,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.gemv import SHAPES, TINY
+from bench.gemv import SHAPES, TINY, vector_configs
 from bench.harness import Report, graph_time, parse_args
 
 
-def configs(n: int, k: int, tiny: bool, elem: int = 2):
+def configs(n: int, k: int, tiny: bool, elem: int = 2, rows: int = 16):
     from pipelines.skinny_linear import Config
 
+    if rows == 1:  # the one-row (vector) kernel
+        yield from vector_configs(n, k, tiny, elem)
+        return
     if tiny:
         yield Config(16, 32, 1, 4, 2)
         yield Config(16, 32, 2, 4, 2)
@@ -78,7 +81,7 @@ def _shape(name: str, n: int, k: int, bias: bool, rows: int, fp8: bool, args, re
         return lambda x, w, b: skinny_linear.linear(x, w, b, cfg)
 
     results = []
-    for cfg in configs(n, k, args.tiny, elem=1 if fp8 else 2):
+    for cfg in configs(n, k, args.tiny, elem=1 if fp8 else 2, rows=rows):
         if report.elapsed() > args.budget_s:
             row["sweep_cut_by_budget"] = True
             break

@@ -15,6 +15,11 @@ weights it is a benchmark candidate (bench/qwen_profile.py's `+skinny`): on an H
 4-7% on four of five products but gained 2.5% in the 16-row step, inside the profile's spread
 (docs/PERFORMANCE.md, fourth session).
 
+One row (a single chat's decode step) has nothing for tensor cores to share, and padding it to 16 wastes
+the tile: `Config.vector` runs a matrix-vector kernel instead, fp32 products on CUDA cores, each program a
+few output features over a long stretch of K so that every SM keeps many weight loads in flight (with FP8
+weights one byte a value, so the tiles are twice as long as bf16's for the same bytes).
+
 Importing this module needs Triton (it comes with CUDA builds of torch). tests/test_skinny_linear.py runs
 the kernels on a CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
@@ -36,18 +41,24 @@ class Config(NamedTuple):
     split: int = 1  # programs sharing one block of features, each over a slice of K
     warps: int = 4
     stages: int = 4
+    vector: bool = False  # one row only: the matrix-vector kernel (no tensor cores)
 
 
-# (out features, in features) -> launch shape, measured per weight shape (bench/skinny_gemm.py)
-TABLE: dict[tuple[int, int], Config] = {}
+# (out features, in features, one row, FP8 weights) -> launch shape, measured per weight shape
+# (bench/skinny_gemm.py)
+TABLE: dict[tuple[int, int, bool, bool], Config] = {}
 
 
-def config_for(n: int, k: int, fp8: bool = False) -> Config:
-    """TABLE's entry for the shape, else for FP8 weights blocks of 64 features x 128 of K (the fastest for
-    every Qwen 2.5 7B projection on an H100, bench/skinny_gemm.py) with K split in up to 4 slices until
-    there are two programs per SM of a 132-SM card; else Config()."""
-    if (n, k) in TABLE or not fp8:
-        return TABLE.get((n, k), Config())
+def config_for(n: int, k: int, fp8: bool = False, rows: int = MAX_ROWS) -> Config:
+    """TABLE's entry for the shape, else for FP8 weights: one row, the vector kernel over blocks of 4
+    features x 1024 of K; more rows, blocks of 64 features x 128 of K (the fastest for every Qwen 2.5 7B
+    projection on an H100, bench/skinny_gemm.py) with K split in up to 4 slices until there are two programs
+    per SM of a 132-SM card. Else Config()."""
+    key = (n, k, rows == 1, fp8)
+    if key in TABLE or not fp8:
+        return TABLE.get(key, Config())
+    if rows == 1:
+        return Config(4, 1024, 1, 4, 1, vector=True)
     programs, split = triton.cdiv(n, 64), 1
     while split < 4 and programs * split < 264 and k // (2 * split) >= 256:
         split *= 2
@@ -89,6 +100,38 @@ def _skinny_kernel(X, W, Scale, Bias, Out, M, N, K, K_SLICE, sx_m, sw_n, so_m, s
 
 
 @triton.jit
+def _vector_kernel(X, W, Scale, Bias, Out, N, K, K_SLICE, sw_n, so_s, HAS_SCALE: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN: tl.constexpr):
+    """out[n] = scale[n] * sum_k x[k] w[n, k] over this program's slice of K, for one row: products summed
+    per lane in fp32 along the slice, and across lanes once at the end."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = pid_s * K_SLICE
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(k_lo, k_lo + K_SLICE, BLOCK_K):
+        kk = k + rk
+        if EVEN:
+            w = tl.load(W + rn[:, None] * sw_n + kk[None, :])
+            x = tl.load(X + kk)
+        else:
+            w = tl.load(W + rn[:, None] * sw_n + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+            x = tl.load(X + kk, mask=kk < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y = y * tl.load(Scale + rn, mask=rn < N, other=0.0)
+    if PARTIAL:
+        tl.store(Out + pid_s * so_s + rn, y, mask=rn < N)
+    else:
+        if HAS_BIAS:
+            y += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(Out + rn, y.to(Out.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
 def _sum_slices_kernel(Part, Bias, Out, N, TOTAL, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < TOTAL
@@ -107,8 +150,8 @@ def _k_slice(k: int, cfg: Config) -> int:
 
 @triton_op("genq::skinny_linear", mutates_args={})
 def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-                   block_n: int, block_k: int, split: int, warps: int, stages: int) -> torch.Tensor:
-    cfg = Config(block_n, block_k, split, warps, stages)
+                   block_n: int, block_k: int, split: int, warps: int, stages: int, vector: bool) -> torch.Tensor:
+    cfg = Config(block_n, block_k, split, warps, stages, vector)
     n, k = weight.shape
     rows = x.reshape(-1, k)
     m = rows.shape[0]
@@ -118,10 +161,17 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | 
     partial = split > 1
     target = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if partial else out
     has_bias, has_scale = bias is not None, scale is not None
-    wrap_triton(_skinny_kernel)[(triton.cdiv(n, block_n), split)](
-        rows, weight, scale if has_scale else weight, bias if has_bias else weight, target, m, n, k, k_slice,
-        rows.stride(0), weight.stride(0), n, m * n, HAS_SCALE=has_scale, HAS_BIAS=has_bias, PARTIAL=partial,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, num_warps=warps, num_stages=stages)
+    operands = (rows, weight, scale if has_scale else weight, bias if has_bias else weight, target)
+    grid = (triton.cdiv(n, block_n), split)
+    if vector:
+        wrap_triton(_vector_kernel)[grid](
+            *operands, n, k, k_slice, weight.stride(0), n, HAS_SCALE=has_scale, HAS_BIAS=has_bias, PARTIAL=partial,
+            BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even, num_warps=warps, num_stages=stages)
+    else:
+        wrap_triton(_skinny_kernel)[grid](
+            *operands, m, n, k, k_slice, rows.stride(0), weight.stride(0), n, m * n, HAS_SCALE=has_scale,
+            HAS_BIAS=has_bias, PARTIAL=partial, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, EVEN=even,
+            num_warps=warps, num_stages=stages)
     if partial:
         block = 1024
         wrap_triton(_sum_slices_kernel)[(triton.cdiv(m * n, block),)](
@@ -148,9 +198,12 @@ def supported(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            cfg: Config | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight * scale[:, None], bias) for at most MAX_ROWS rows of x (any leading shape),
-    through the kernels; `cfg` defaults to the weight shape's entry in TABLE."""
+    through the kernels; `cfg` defaults to config_for's for the weight's shape and the row count."""
+    rows = x.numel() // max(1, x.shape[-1])
     if not supported(x, weight, scale):
         raise ValueError(f"skinny_linear: x {tuple(x.shape)} {x.dtype} / weight {tuple(weight.shape)} "
                          f"{weight.dtype} not supported")
-    return torch.ops.genq.skinny_linear(x, weight, scale, bias,
-                                        *(cfg or config_for(*weight.shape, fp8=scale is not None)))
+    cfg = cfg or config_for(*weight.shape, fp8=scale is not None, rows=rows)
+    if cfg.vector and rows != 1:
+        raise ValueError(f"skinny_linear: the vector kernel takes one row, x has {rows}")
+    return torch.ops.genq.skinny_linear(x, weight, scale, bias, *cfg)

@@ -65,12 +65,14 @@ def test_sdxl_with_fp8_products_times_them_and_measures_their_difference(tmp_pat
 
 def test_skinny_gemm_times_fp8_weights_against_bf16_cublas(tmp_path):
     env = {"TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "bench.skinny_gemm", "--tiny", "--device", "cpu", "--rows", "4",
+    done = subprocess.run([sys.executable, "-m", "bench.skinny_gemm", "--tiny", "--device", "cpu", "--rows", "4,1",
                            "--weights", "fp8", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     stages = json.loads((tmp_path / "skinny_gemm_tiny.json").read_text())["stages"]
-    assert set(stages) == {"qkv_4rows_fp8", "down_4rows_fp8"}
+    # four rows through the tile kernel, one row through the vector kernel
+    assert set(stages) == {"qkv_4rows_fp8", "down_4rows_fp8", "qkv_1rows_fp8", "down_1rows_fp8"}
+    assert stages["qkv_1rows_fp8"]["best"]["vector"] and not stages["qkv_4rows_fp8"]["best"]["vector"]
     for row in stages.values():
         assert row["weights"] == "fp8" and row["cublas_us"] > 0 and row["best"]["us"] > 0
         assert row["rel_l2_vs_dequantised"] < 1e-5 and row["deterministic"]
@@ -197,6 +199,7 @@ def test_the_qwen_profile_candidates_decode_what_production_decodes():
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
     ("_attention_partial_kernel", "attention"),  # pipelines/split_kv_attention.py's
     ("_skinny_kernel", "gemm"),  # pipelines/skinny_linear.py's
+    ("_vector_kernel", "gemm"),
     ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", "conv"),
     ("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_bias_TNT", "gemm"),
     ("Memcpy DtoD (Device -> Device)", "copy_or_fill"),

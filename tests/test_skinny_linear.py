@@ -49,6 +49,11 @@ def test_skinny_kernels_compute_the_linear_layer_for_up_to_16_rows():
         [16, 96, 64, True, [32, 32, 1, 4, 2], True],
         [5, 80, 100, False, [32, 32, 1, 4, 2], True],
         [1, 64, 256, True, [16, 32, 3, 4, 2], True],  # split: every slice carries the scale
+        # one row through the vector kernel (config_for's choice for FP8 weights at one row)
+        [1, 64, 128, True, [16, 64, 1, 4, 1, True], True],  # every tile whole: unmasked loads
+        [1, 96, 200, True, [4, 64, 1, 4, 1, True], True],  # K not a multiple of its block
+        [1, 64, 256, False, [8, 32, 3, 4, 1, True], True],  # three slices, the last past K, summed in order
+        [1, 80, 100, True, [16, 32, 2, 4, 1, True], False],  # weights of the rows' dtype, split, bias after
     ]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=ROOT, env=env,
@@ -72,3 +77,20 @@ def test_skinny_linear_refuses_more_rows_than_one_tile():
     with pytest.raises(ValueError, match="not supported"):  # FP8 weights need their fp32 scale per feature
         skinny_linear.linear(torch.zeros(2, 8), fp8, scale=torch.ones(4, dtype=torch.float64))
     assert skinny_linear.supported(torch.zeros(2, 8), fp8, torch.ones(4))
+    with pytest.raises(ValueError, match="vector kernel takes one row, x has 2"):
+        skinny_linear.linear(torch.zeros(2, 8), fp8, cfg=skinny_linear.Config(vector=True), scale=torch.ones(4))
+
+
+def test_one_row_of_fp8_weights_goes_to_the_vector_kernel_and_more_rows_to_the_tile_kernel():
+    from pipelines.skinny_linear import TABLE, Config, config_for
+
+    assert config_for(4608, 3584, fp8=True, rows=1).vector
+    assert not config_for(4608, 3584, fp8=True, rows=16).vector
+    assert config_for(4608, 3584, fp8=False, rows=1) == Config()  # bf16 decode keeps inductor's products
+    measured = Config(8, 512, 2, 8, 3, True)
+    TABLE[(96, 64, True, True)] = measured
+    try:
+        assert config_for(96, 64, fp8=True, rows=1) == measured
+        assert config_for(96, 64, fp8=True, rows=4) != measured
+    finally:
+        del TABLE[(96, 64, True, True)]
