@@ -45,20 +45,28 @@ class Config(NamedTuple):
 
 
 # (out features, in features, one row, FP8 weights) -> launch shape, measured per weight shape
-# (bench/skinny_gemm.py)
-TABLE: dict[tuple[int, int, bool, bool], Config] = {}
+# (bench/skinny_gemm.py). Qwen 2.5 7B's one-row FP8 products, best of 128-156 shapes each on an H200
+# (`bench.skinny_gemm --rows 1 --weights fp8`, docs/PERFORMANCE.md tenth session): 2.0-4.1 TB/s.
+TABLE: dict[tuple[int, int, bool, bool], Config] = {
+    (4608, 3584, True, True): Config(8, 512, 1, 8, 1, True),  # q|k|v
+    (3584, 3584, True, True): Config(4, 1024, 1, 4, 1, True),  # o
+    (3584, 18944, True, True): Config(4, 1024, 1, 4, 1, True),  # down
+    (37888, 3584, True, True): Config(16, 512, 1, 8, 1, True),  # gate|up
+    (152064, 3584, True, True): Config(16, 512, 1, 8, 1, True),  # LM head
+}
 
 
 def config_for(n: int, k: int, fp8: bool = False, rows: int = MAX_ROWS) -> Config:
-    """TABLE's entry for the shape, else for FP8 weights: one row, the vector kernel over blocks of 4
-    features x 1024 of K; more rows, blocks of 64 features x 128 of K (the fastest for every Qwen 2.5 7B
-    projection on an H100, bench/skinny_gemm.py) with K split in up to 4 slices until there are two programs
-    per SM of a 132-SM card. Else Config()."""
+    """TABLE's entry for the shape; else, for FP8 weights at one row, the vector kernel over blocks of 16
+    features x 512 of K where that still gives 4 programs per SM of a 132-SM card, else 4 x 1024; for FP8
+    weights at more rows, blocks of 64 features x 128 of K (the fastest for every Qwen 2.5 7B projection on
+    an H100, bench/skinny_gemm.py) with K split in up to 4 slices until there are two programs per SM.
+    Else Config()."""
     key = (n, k, rows == 1, fp8)
     if key in TABLE or not fp8:
         return TABLE.get(key, Config())
-    if rows == 1:
-        return Config(4, 1024, 1, 4, 1, vector=True)
+    if rows == 1:  # wide products: longer rows of features; narrow ones: more programs
+        return Config(16, 512, 1, 8, 1, True) if n >= 16 * 4 * 132 else Config(4, 1024, 1, 4, 1, True)
     programs, split = triton.cdiv(n, 64), 1
     while split < 4 and programs * split < 264 and k // (2 * split) >= 256:
         split *= 2
