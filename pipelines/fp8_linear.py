@@ -144,12 +144,27 @@ def require_fp8_card(device: torch.device, setting: str) -> None:
 def replace_linears(model: nn.Module, names: list[str], chunk: int | None = PROMPT_CHUNK,
                     fast_accum: bool = False) -> int:
     """The nn.Linear layers at these dotted paths replaced in place by Fp8Linear copies, one at a time, so
-    each weight is freed as its copy is made. Returns how many were replaced."""
+    each weight is freed as its copy is made. Every path is resolved before the first replacement, so a
+    path that names nothing leaves the model as it was (LookupError, the paths shown with repr)."""
+    slots, missing = [], []
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), chunk, fast_accum))
-    return len(names)
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
+        # the key object the parent holds, not the string split off the path
+        key = next((k for k in getattr(parent, "_modules", {}) if k == child), None)
+        if key is None or type(parent._modules[key]) is not nn.Linear:
+            missing.append(name)
+        else:
+            slots.append((parent, key))
+    if missing:
+        raise LookupError(f"no nn.Linear at {len(missing)} of {len(names)} paths, model unchanged: "
+                          f"{', '.join(map(repr, missing[:5]))}")
+    for parent, key in slots:
+        setattr(parent, key, Fp8Linear.from_linear(parent._modules[key], chunk, fast_accum))
+    return len(slots)
 
 
 def linear_names(model: nn.Module, suffixes: tuple[str, ...], within: tuple[str, ...]) -> list[str]:

@@ -82,6 +82,10 @@ def test_linear_names_match_whole_path_components_under_the_given_parts():
     assert fp8_linear.replace_linears(model, ["blocks.0.to_q"], chunk=None) == 1
     assert isinstance(model["blocks"][0]["to_q"], Fp8Linear) and type(model["head"]["to_q"]) is nn.Linear
     assert fp8_linear.linear_names(model, ("to_q",), within=("blocks.",)) == []  # replaced: not an nn.Linear
+    # a path naming nothing (or no nn.Linear) fails before any replacement, naming the paths
+    with pytest.raises(LookupError, match=r"2 of 3 paths, model unchanged: 'head.to_', 'blocks.0.norm'"):
+        fp8_linear.replace_linears(model, ["head.to_q", "head.to_", "blocks.0.norm"])
+    assert type(model["head"]["to_q"]) is nn.Linear
 
 
 def test_quantise_model_rewrites_the_decoder_layers_and_an_untied_head_only():
