@@ -5,10 +5,10 @@
 For each projection shape (q|k|v with bias, o, down, gate|up, LM head): cuBLAS (F.linear), inductor's
 fused reduction (coordinate-descent tuned, as the chat decoder compiles it; for down also with its
 producer SiLU(gate) * up fused in, as in the decode graph), and pipelines/skinny_linear.py's one-row
-(`vector`) kernel over a sweep of block sizes and splits (kernel, partial sums and bias, as one op). Every figure is a CUDA-graph replay
-over enough copies of the weight that none is served from L2 (as a decode step reads 28 layers' weights
-once each), so launch overhead and cache hits do not flatter small kernels. Writes OUT/gemv.json: GB/s per
-method and the best split-K config per shape and per split.
+(`vector`) kernel over a sweep of block sizes and splits (kernel, partial sums and bias, as one op).
+Every figure is a CUDA-graph replay over enough copies of the weight that none is served from L2 (as a
+decode step reads 28 layers' weights once each), so launch overhead and cache hits do not flatter small
+kernels. Writes OUT/gemv.json: GB/s per method and the best kernel config per shape and per split.
 
 Measured on an H200 (docs/PERFORMANCE.md, "Qwen: hand-written matrix-vector kernels"): in bf16 the kernel
 beats inductor on down (+6%) and o (+7%) alone, but in the compiled decode step it was slower (192 vs 206

@@ -225,6 +225,10 @@ def main() -> int:
     unknown = {t for v in variants for t in v.split("+")[1:]} - TWEAKS.keys()
     if unknown:
         raise SystemExit(f"--attention: unknown tweak(s) {sorted(unknown)}; known: {sorted(TWEAKS)}")
+    formats = args.weights.split(",")
+    # bf16 first: fp8 quantises the model in place
+    if not formats or set(formats) - {"bf16", "fp8"} or formats != sorted(set(formats)):
+        raise SystemExit(f"--weights: {args.weights!r}; expected bf16, fp8 or bf16,fp8")
     if args.skinny_table:
         _load_skinny_table(args.skinny_table, args.rows)
     model = build_qwen("cuda", tiny=args.tiny)
@@ -233,12 +237,7 @@ def main() -> int:
     report = {**header(), "modes": {}}
     path = out / "qwen_profile.json"
     first_tokens = None
-    runs = []
-    for weights in args.weights.split(","):
-        if weights not in ("bf16", "fp8"):
-            raise SystemExit(f"--weights: {weights!r} is neither bf16 nor fp8")
-        runs += [(weights, variant) for variant in variants]
-    for weights, variant in runs:
+    for weights, variant in [(w, v) for w in formats for v in variants]:
         if weights == "fp8" and "weights_gb_fp8" not in report:
             from pipelines.fp8_linear import quantise_model
 
