@@ -7,7 +7,9 @@ and the attention kernels' achieved TFLOP/s.
 
 A guided step is two transformer forwards (with and without the prompt), as WanPipeline runs them. Each
 mode: one warm-up step (compiles), three timed steps (synchronised, min), one step under torch.profiler.
-Writes OUT/wan_profile.json and the top kernels per mode in OUT/wan_profile_<mode>.txt. Needs CUDA.
+Each accelerated mode's output of one forward is compared with the baseline's on the same inputs and
+weights (`vs_baseline`: rel. L2, as bench.wan's equality). Writes OUT/wan_profile.json and the top
+kernels per mode in OUT/wan_profile_<mode>.txt. Needs CUDA.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import import_accel
+from bench.harness import compare, import_accel
 from bench.models import build_wan, wan_text_dim
 from bench.profiling import header, parse_args, print_report, profile_call
 
@@ -33,6 +35,11 @@ def _attention_tflop(config, frames: int, height: int, width: int, text_tokens: 
 def _step(transformer, x, t, cond, uncond) -> None:
     transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)
     transformer(hidden_states=x, timestep=t, encoder_hidden_states=uncond, return_dict=False)
+
+
+def _forward(transformer, x, t, cond, uncond) -> torch.Tensor:
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0].float()
 
 
 def _measure(transformer, inputs, out: Path, mode: str, attention_tflop: float) -> dict:
@@ -59,6 +66,7 @@ def main() -> int:
     report = {**header(), "attention_tflop_per_forward": round(attention, 1), "modes": {}, "ratio": {}}
     path = out / "wan_profile.json"
     report["modes"]["baseline"] = _measure(tr, inputs, out, "baseline", attention)
+    reference = _forward(tr, *inputs)
     path.write_text(json.dumps(report, indent=1))
     accel = import_accel()
     for backend in filter(None, args.backends.split(",")):
@@ -70,8 +78,10 @@ def main() -> int:
         applied = accel.accelerate_wan(pipe, accel.AccelOptions(
             enabled=True, compile=True, wan_attention_backend=attention_backend,
             wan_linear="fp8" if linear == "fp8-linear" else "bf16"))
-        report["modes"][mode] = {"applied": applied, **_measure(tr, inputs, out, mode.replace(":", "-"), attention)}
-        report["ratio"][mode] = round(report["modes"]["baseline"]["wall_s_min"] / report["modes"][mode]["wall_s_min"], 3)
+        rec = report["modes"][mode] = {"applied": applied,
+                                       **_measure(tr, inputs, out, mode.replace(":", "-"), attention),
+                                       "vs_baseline": compare(reference, _forward(tr, *inputs))}
+        report["ratio"][mode] = round(report["modes"]["baseline"]["wall_s_min"] / rec["wall_s_min"], 3)
         path.write_text(json.dumps(report, indent=1))
     print_report(report)
     return 0
