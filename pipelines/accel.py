@@ -15,9 +15,8 @@ Switches (environment, read by AccelOptions.from_env):
   GENQ_COMPILE_DYNAMO_CACHE  SDXL, with a cache dir: keep dynamo's traced result there too, so a restart
                              skips tracing (pipelines/dynamo_cache.py; on unless set to 0)
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default),
-                             cudnn_strided: self-attention by cuDNN on q/k/v as the projections lay them out
-                             (pipelines/wan_attention.py, exact), or fp8: self-attention in int8/e4m3
-                             (pipelines/wan_fp8_attention.py, an approximation, opt-in; Ada/Hopper cards)
+                             or fp8: self-attention in int8/e4m3 (pipelines/wan_fp8_attention.py, an
+                             approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
                              (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
@@ -228,11 +227,6 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
         wan_fp8_attention.check_device(pipe.transformer.device)
         wan_fp8_attention.use_fp8_attention(pipe.transformer)
         applied.append("attention:fp8")
-    elif opts.wan_attention_backend == "cudnn_strided":
-        from . import wan_attention
-
-        wan_attention.use_self_attention(pipe.transformer, wan_attention.StridedCudnnWanAttnProcessor)
-        applied.append("attention:cudnn_strided")
     elif opts.wan_attention_backend:
         pipe.transformer.set_attention_backend(opts.wan_attention_backend)
         applied.append(f"attention:{opts.wan_attention_backend}")
