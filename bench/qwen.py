@@ -39,16 +39,27 @@ def _stats(values: list[float]) -> dict:
             "max": round(max(values), 4)}
 
 
+def _canary(count: int = 100_000) -> list[str]:
+    return [f"model.layers.{i}.mlp.down_proj" for i in range(count)]
+
+
 def fp8_weights(rep: Report, model, dev: str) -> bool:
-    """Quantise the model in place, as the daemon does with GENQ_CHAT_WEIGHTS=fp8; False if that failed."""
+    """Quantise the model in place, as the daemon does with GENQ_CHAT_WEIGHTS=fp8; False if that failed.
+
+    Twice after the bf16 engine (ninth and tenth sessions) a module path lost its last character while
+    the layers were being replaced. Strings made before the loop are checked after it, to tell host memory
+    overwritten during the loop (`canary_strings_changed` > 0) from anything else."""
     from pipelines.fp8_linear import quantise_model
 
     def quantise():
+        canary = _canary()
         sync(dev)
         t0 = time.perf_counter()
         replaced = quantise_model(model)
         sync(dev)
+        changed = sum(a != b for a, b in zip(canary, _canary()))
         return {"replaced_layers": replaced, "quantise_s": round(time.perf_counter() - t0, 2),
+                "canary_strings_changed": changed,
                 "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), **memory(dev)}
 
     return rep.stage("fp8_quantise", quantise) is not None

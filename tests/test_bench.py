@@ -49,6 +49,7 @@ def test_qwen_with_fp8_weights_runs_the_engine_again_and_measures_the_difference
     report = tiny_report("qwen", tmp_path, "--weights", "fp8")
     stages = report["stages"]
     assert stages["fp8_quantise"]["replaced_layers"] > 0 and "equality_fp8" in stages
+    assert stages["fp8_quantise"]["canary_strings_changed"] == 0
     assert stages["engine_setup_fp8"]["weights_gb"] <= stages["engine_setup"]["weights_gb"]
     fp8 = report["summary"]["fp8"]
     assert fp8["engine_3streams_tok_s"] > 0 and 0 < fp8["difference"]["logits"]["rel_l2"] < 0.5
