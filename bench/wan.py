@@ -3,7 +3,10 @@
 Per-step times come from the step callback (synchronised), so one call yields several step timings.
 
     python -m bench.wan [--tiny] [--runs 3] [--full-steps 25] [--cache-thresholds 0.2,0.3,0.4] [--fp8-attention]
-                        [--fp8-linear]
+                        [--fp8-linear] [--attention _native_cudnn|flash4|...]
+
+--attention is the accelerated path's GENQ_WAN_ATTENTION (default the production default, `_native_cudnn`;
+`flash4`: FlashAttention-4, pipelines/flash4.py, where its package is installed).
 
 With --fp8-attention, after the accelerated stages the self-attention switches to pipelines/fp8_attention.py
 (GENQ_WAN_ATTENTION=fp8, an opt-in approximation) and the per-step time, the difference from the baseline,
@@ -78,7 +81,8 @@ def main() -> None:
                                            ap.add_argument("--cache-thresholds", default="0.2,0.3,0.4"),
                                            ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache"),
                                            ap.add_argument("--fp8-attention", action="store_true"),
-                                           ap.add_argument("--fp8-linear", action="store_true")))
+                                           ap.add_argument("--fp8-linear", action="store_true"),
+                                           ap.add_argument("--attention", default="_native_cudnn")))
     accel = import_accel()
     dev, tiny = args.device, args.tiny
     h, w, frames = served_shape(tiny)
@@ -154,7 +158,7 @@ def main() -> None:
     rep.stage("memory_baseline_1frame", lambda: memory_1frame("baseline"), optional_cost_s=30)
 
     opts = accel.AccelOptions(enabled=True, compile=dev == "cuda", compile_mode=args.compile_mode,
-                              cache_dir=args.cache_dir, wan_vae_bf16=True)
+                              cache_dir=args.cache_dir, wan_vae_bf16=True, wan_attention_backend=args.attention)
     rep.stage("accel_levers", lambda: accel.accelerate_wan(pipe, opts))
     rep.stage("accel_per_step", lambda: per_step(steps_timed))
 

@@ -16,7 +16,8 @@ Switches (environment, read by AccelOptions.from_env):
                              skips tracing (pipelines/dynamo_cache.py; on unless set to 0)
   GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default),
                              or fp8: self-attention in int8/e4m3 (pipelines/wan_fp8_attention.py, an
-                             approximation, opt-in; Ada/Hopper cards)
+                             approximation, opt-in; Ada/Hopper cards), or flash4: self-attention by
+                             FlashAttention-4 (pipelines/flash4.py, exact; Hopper/Blackwell, its package)
   GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
                              (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
@@ -86,6 +87,9 @@ def configure_compile_cache(cache_dir: str | None) -> None:
     # it asks for it (at import of torch._dynamo.package), and startup.sh exports one too.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     os.environ["TRITON_CACHE_DIR"] = os.path.join(cache_dir, "triton")
+    # FlashAttention-4's kernels (GENQ_WAN_ATTENTION=flash4) too; it reads these when first imported
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", os.path.join(cache_dir, "flash4"))
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
@@ -208,8 +212,9 @@ def fuse_wan_qkv(transformer) -> int:
 
 
 def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
-    """Speed up a WAN 2.1 diffusers pipeline in place (per-step results equal within bf16 rounding, but with
-    the opt-in GENQ_WAN_ATTENTION=fp8 and GENQ_WAN_LINEAR=fp8, whose differences bench/wan.py measures)."""
+    """Speed up a WAN 2.1 diffusers pipeline in place (per-step results equal within bf16 rounding, with
+    GENQ_WAN_ATTENTION=flash4 too, but with the opt-in GENQ_WAN_ATTENTION=fp8 and GENQ_WAN_LINEAR=fp8,
+    whose differences bench/wan.py measures)."""
     if not opts.enabled:
         return []
     applied = []
@@ -221,7 +226,15 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     if not _on_cuda(pipe.transformer):
         return applied
     torch.backends.cudnn.benchmark = opts.cudnn_benchmark
-    if opts.wan_attention_backend == "fp8":
+    if opts.compile:
+        configure_compile_cache(opts.cache_dir)  # before FlashAttention-4's import reads its cache folder
+    if opts.wan_attention_backend == "flash4":
+        from . import flash4, wan_self_attention
+
+        flash4.check_device(pipe.transformer.device)
+        wan_self_attention.use_self_attention(pipe.transformer, wan_self_attention.Flash4WanAttnProcessor)
+        applied.append("attention:flash4")
+    elif opts.wan_attention_backend == "fp8":
         from . import wan_fp8_attention
 
         wan_fp8_attention.check_device(pipe.transformer.device)
@@ -236,7 +249,6 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
         wan_fp8_linear.check_device(pipe.transformer.device)
         applied.append(f"linear:fp8:{wan_fp8_linear.quantise_video_linears(pipe.transformer)}")
     if opts.compile:
-        configure_compile_cache(opts.cache_dir)
         # Regional compilation: one compiled block serves all 30 (seconds of compile, not minutes);
         # no fullgraph, so the opt-in step cache's data-dependent hooks can graph-break around it.
         pipe.transformer.compile_repeated_blocks(mode=opts.compile_mode)

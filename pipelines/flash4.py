@@ -1,0 +1,55 @@
+"""FlashAttention-4 (the `flash-attn-4` package, opt-in: `pip install '.[flash4]'`) as one opaque op.
+
+FlashAttention-4's CuTe DSL kernels compile on their first call for each shape (seconds; then held in
+memory) and include a Hopper (sm90) forward ported from FlashAttention-3. It is exact attention, as
+cuDNN's flash kernel that diffusers' `_native_cudnn` backend runs, within bf16 rounding; whether it is
+faster at a model's shapes is measured by bench/fp8_attention.py and bench/wan_profile.py
+(docs/PERFORMANCE.md). The call is a custom op so the compiled WAN blocks keep it whole.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+SWITCH = "GENQ_WAN_ATTENTION=flash4"
+CARDS = (9, 10)  # compute capability majors with a FlashAttention-4 forward we use: Hopper, Blackwell
+
+
+@functools.cache
+def _kernel() -> Callable:
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as exc:
+        raise RuntimeError(f"{SWITCH} needs the flash-attn-4 package (pip install '.[flash4]'): {exc}") from exc
+    return flash_attn_func
+
+
+def check_device(device: torch.device) -> None:
+    """The package importable and a Hopper or Blackwell card, else a RuntimeError naming the switch."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in CARDS:
+        raise RuntimeError(f"{SWITCH} needs a Hopper or Blackwell CUDA card (compute capability 9.x or 10.x); "
+                           f"the model is on {device}")
+    _kernel()
+
+
+def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether these [batch, tokens, heads, dim] inputs are ones the kernel takes: CUDA, 16-bit floats, one
+    head count, head dims multiples of 8 up to 256 (the Hopper forward's range)."""
+    return (query.is_cuda and query.dim() == 4 and query.dtype in (torch.bfloat16, torch.float16)
+            and key.dtype == value.dtype == query.dtype and query.shape[2] == key.shape[2] == value.shape[2]
+            and key.shape[:2] == value.shape[:2] and query.shape[-1] == key.shape[-1]
+            and all(8 <= t.shape[-1] <= 256 and t.shape[-1] % 8 == 0 for t in (query, value)))
+
+
+@torch.library.custom_op("genq::flash4", mutates_args=())
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v of [batch, tokens, heads, dim] tensors, no mask; out in q's layout, with
+    the package's own launch shape (a sweep of the others at WAN's shape gained 2%, bench/fp8_attention.py)."""
+    return _kernel()(query, key, value)[0]
+
+
+@attention.register_fake
+def _(query, key, value):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
