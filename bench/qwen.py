@@ -39,27 +39,45 @@ def _stats(values: list[float]) -> dict:
             "max": round(max(values), 4)}
 
 
-def _canary(count: int = 100_000) -> list[str]:
-    return [f"model.layers.{i}.mlp.down_proj" for i in range(count)]
+class CanaryReport(Report):
+    """A Report that checks, after every stage, 100,000 strings made at its start.
+
+    Twice after the bf16 engine (ninth and tenth sessions) a module path lost its last character while the
+    FP8 rewrite replaced layers, and in the eleventh one string of these changed by the end of the rewrite:
+    host memory is overwritten somewhere in this process. Checking after each stage tells which stage does
+    it (`canary`: the first stage after which strings differ, how many, and three of them as they read)."""
+
+    COUNT = 100_000
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.canary = self._strings()
+        self.data["canary"] = {"strings": self.COUNT, "changed_after": None}
+
+    @classmethod
+    def _strings(cls) -> list[str]:
+        return [f"model.layers.{i}.mlp.down_proj" for i in range(cls.COUNT)]
+
+    def stage(self, name, fn, optional_cost_s=None):
+        result = super().stage(name, fn, optional_cost_s)
+        if self.data["canary"]["changed_after"] is None:
+            changed = [(i, a) for i, (a, b) in enumerate(zip(self.canary, self._strings())) if a != b]
+            if changed:
+                self["canary"] = {**self.data["canary"], "changed_after": name, "changed": len(changed),
+                                  "examples": [[i, repr(a)] for i, a in changed[:3]]}
+        return result
 
 
 def fp8_weights(rep: Report, model, dev: str) -> bool:
-    """Quantise the model in place, as the daemon does with GENQ_CHAT_WEIGHTS=fp8; False if that failed.
-
-    Twice after the bf16 engine (ninth and tenth sessions) a module path lost its last character while
-    the layers were being replaced. Strings made before the loop are checked after it, to tell host memory
-    overwritten during the loop (`canary_strings_changed` > 0) from anything else."""
+    """Quantise the model in place, as the daemon does with GENQ_CHAT_WEIGHTS=fp8; False if that failed."""
     from pipelines.fp8_linear import quantise_model
 
     def quantise():
-        canary = _canary()
         sync(dev)
         t0 = time.perf_counter()
         replaced = quantise_model(model)
         sync(dev)
-        changed = sum(a != b for a, b in zip(canary, _canary()))
         return {"replaced_layers": replaced, "quantise_s": round(time.perf_counter() - t0, 2),
-                "canary_strings_changed": changed,
                 "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), **memory(dev)}
 
     return rep.stage("fp8_quantise", quantise) is not None
@@ -99,7 +117,7 @@ def main() -> None:
     dev = args.device
     if args.tiny:
         args.prompt_tokens, args.new_tokens, args.batch = 12, 8, 3
-    rep = Report("qwen", args)
+    rep = CanaryReport("qwen", args)
     st: dict = {}
 
     def build():

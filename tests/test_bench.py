@@ -49,10 +49,26 @@ def test_qwen_with_fp8_weights_runs_the_engine_again_and_measures_the_difference
     report = tiny_report("qwen", tmp_path, "--weights", "fp8")
     stages = report["stages"]
     assert stages["fp8_quantise"]["replaced_layers"] > 0 and "equality_fp8" in stages
-    assert stages["fp8_quantise"]["canary_strings_changed"] == 0
+    assert report["canary"] == {"strings": 100_000, "changed_after": None}  # no host memory overwritten
     assert stages["engine_setup_fp8"]["weights_gb"] <= stages["engine_setup"]["weights_gb"]
     fp8 = report["summary"]["fp8"]
     assert fp8["engine_3streams_tok_s"] > 0 and 0 < fp8["difference"]["logits"]["rel_l2"] < 0.5
+
+
+def test_the_qwen_canary_names_the_first_stage_after_which_its_strings_differ(tmp_path):
+    from argparse import Namespace
+
+    from bench.qwen import CanaryReport
+
+    rep = CanaryReport("qwen", Namespace(out=str(tmp_path), tiny=True, budget_s=60.0))
+    rep.stage("clean", lambda: {"ok": True})
+    assert rep.data["canary"]["changed_after"] is None
+    rep.canary[7] = "model.layers.7.mlp.down_pro"  # as the ninth session's lost character read
+    rep.stage("overwrites", lambda: {"ok": True})
+    rep.stage("later", lambda: {"ok": True})
+    saved = json.loads((tmp_path / "qwen_tiny.json").read_text())["canary"]
+    assert saved == {"strings": 100_000, "changed_after": "overwrites", "changed": 1,
+                     "examples": [[7, "'model.layers.7.mlp.down_pro'"]]}
 
 
 def test_sdxl_with_fp8_products_times_them_and_measures_their_difference(tmp_path):
