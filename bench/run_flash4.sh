@@ -3,7 +3,7 @@
 # Two device calls, the second straight after the first (the machine is held ~30 s between calls):
 #   1. carry [".fa4a"]:        bash bench/run_flash4.sh stash
 #   2. carry [".fa4b", ".whl"]: bash bench/run_flash4.sh CMD...    e.g.
-#        bash bench/run_flash4.sh python3 -m bench.wan_profile --backends _native_cudnn,flash4 --out '$OUT'
+#        bash bench/run_flash4.sh python3 -m bench.wan_profile --backends _native_cudnn,flash4 --out $OUT
 #      (.whl without its av wheel fits beside .fa4b; no benchmark here encodes video). Further calls on the
 #      same warm machine need only .whl: the install stays in /tmp/site.
 set -o pipefail
@@ -25,4 +25,4 @@ fi
 export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD
 python3 -c "from flash_attn.cute import flash_attn_func" || exit 5
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.limit --format=csv
-eval "$@"
+"$@"
