@@ -39,7 +39,8 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     head count, head dims multiples of 8 up to 256 (the Hopper forward's range)."""
     return (query.is_cuda and query.dim() == 4 and query.dtype in (torch.bfloat16, torch.float16)
             and key.dtype == value.dtype == query.dtype and query.shape[2] == key.shape[2] == value.shape[2]
-            and key.shape[:2] == value.shape[:2] and query.shape[-1] == key.shape[-1]
+            and query.shape[0] == key.shape[0] and key.shape[:2] == value.shape[:2]
+            and query.shape[-1] == key.shape[-1]
             and all(8 <= t.shape[-1] <= 256 and t.shape[-1] % 8 == 0 for t in (query, value)))
 
 

@@ -13,6 +13,8 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
+from . import flash4
+
 EXACT_BACKEND = "_native_cudnn"  # for everything the processors here do not take
 
 
@@ -50,8 +52,6 @@ class Flash4WanAttnProcessor(SelfAttnProcessor):
     rounding. Shapes its kernel does not take stay on the processor's backend."""
 
     def self_attention(self, query, key, value):
-        from . import flash4
-
         return flash4.attention(query, key, value) if flash4.takes(query, key, value) else None
 
 

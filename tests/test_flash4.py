@@ -56,6 +56,7 @@ def test_shapes_the_kernel_does_not_take_stay_on_the_backend(monkeypatch):
 @pytest.mark.parametrize("shapes, dtype", [
     (((1, 8, 2, 32), (1, 8, 2, 32), (1, 9, 2, 32)), torch.bfloat16),  # keys and values of different lengths
     (((1, 8, 2, 32), (1, 8, 4, 32), (1, 8, 4, 32)), torch.bfloat16),  # grouped heads: not WAN's, not taken
+    (((2, 8, 2, 32), (1, 8, 2, 32), (1, 8, 2, 32)), torch.bfloat16),  # batch sizes that differ
     (((1, 8, 2, 12),) * 3, torch.bfloat16),  # head dim not a multiple of 8
     (((1, 8, 2, 512),) * 3, torch.bfloat16),  # head dim past 256
     (((1, 8, 2, 32),) * 3, torch.float32),
