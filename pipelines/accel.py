@@ -32,12 +32,15 @@ import os
 from typing import Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.settings import CompileMode
 
 from . import dynamo_cache
 from .unet_batches import chunk_batches
+
+
+WAN_ATTENTION = ("flash4", "fp8")  # GENQ_WAN_ATTENTION's own values; the others name diffusers' backends
 
 
 class AccelOptions(BaseModel):
@@ -62,6 +65,19 @@ class AccelOptions(BaseModel):
     # shape (+35 GiB for a moment in a WAN VAE decode on an H200, beyond any admission budget): only
     # for a daemon that has its card to itself.
     cudnn_benchmark: bool = Field(False, validation_alias="GENQ_CUDNN_BENCHMARK")
+
+    @field_validator("wan_attention_backend")
+    @classmethod
+    def _known_attention(cls, value: str) -> str:
+        """Ours (flash4, fp8), a diffusers backend, or "" (the library's default); refused before any model
+        loads, not when the transformer first meets it."""
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        known = {"", *WAN_ATTENTION, *(b.value for b in AttentionBackendName)}
+        if value not in known:
+            raise ValueError(f"{value!r} is not {', '.join(WAN_ATTENTION)} or a diffusers attention backend "
+                             f"({', '.join(sorted(known - {''} - set(WAN_ATTENTION)))})")
+        return value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "AccelOptions":

@@ -24,13 +24,16 @@ def test_options_come_from_the_environment():
     assert AccelOptions.from_env({"GENQ_COMPILE_MODE": " max-autotune "}).compile_mode == "max-autotune"
     assert AccelOptions.from_env({"GENQ_ACCEL": "", "GENQ_COMPILE": " ", "GENQ_COMPILE_CACHE_DIR": ""}) == AccelOptions()
     assert AccelOptions.from_env({"GENQ_WAN_ATTENTION": ""}).wan_attention_backend == ""  # the library's default
+    for backend in ("flash4", "fp8", "native", "_native_cudnn", "flex"):  # ours and diffusers' own
+        assert AccelOptions.from_env({"GENQ_WAN_ATTENTION": f" {backend} "}).wan_attention_backend == backend
     assert AccelOptions.from_env({}).dynamo_cache is True
     assert AccelOptions.from_env({"GENQ_COMPILE_DYNAMO_CACHE": "0"}).dynamo_cache is False
 
 
 @pytest.mark.parametrize("name, value", [("GENQ_ACCEL", "ture"), ("GENQ_COMPILE", "2"),
                                          ("GENQ_COMPILE_MODE", "reduce_overhead"), ("GENQ_CUDNN_BENCHMARK", "maybe"),
-                                         ("GENQ_COMPILE_DYNAMO_CACHE", "sometimes")])
+                                         ("GENQ_COMPILE_DYNAMO_CACHE", "sometimes"), ("GENQ_WAN_ATTENTION", "flash5"),
+                                         ("GENQ_WAN_ATTENTION", "cudnn")])
 def test_a_bad_switch_is_refused_naming_its_variable(name, value):
     with pytest.raises(ValueError, match=name):
         AccelOptions.from_env({"GENQ_ACCEL": "1", name: value})
