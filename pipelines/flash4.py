@@ -1,10 +1,11 @@
 """FlashAttention-4 (the `flash-attn-4` package, opt-in: `pip install '.[flash4]'`) as one opaque op.
 
-FlashAttention-4's CuTe DSL kernels compile on their first call (about 11 s on an H200; then held in
-memory, and on disk with GENQ_COMPILE_CACHE_DIR; token counts are not part of the compile key) and include a Hopper (sm90) forward ported from FlashAttention-3. It is exact attention, as
-cuDNN's flash kernel that diffusers' `_native_cudnn` backend runs, within bf16 rounding; whether it is
-faster at a model's shapes is measured by bench/fp8_attention.py and bench/wan_profile.py
-(docs/PERFORMANCE.md). The call is a custom op so the compiled WAN blocks keep it whole.
+FlashAttention-4's CuTe DSL kernels include a Hopper (sm90) forward ported from FlashAttention-3. They
+compile on their first call (about 11 s on an H200), then stay in memory, and on disk with
+GENQ_COMPILE_CACHE_DIR; token counts are not part of the compile key. It is exact attention, as cuDNN's
+flash kernel that diffusers' `_native_cudnn` backend runs, within bf16 rounding; whether it is faster at a
+model's shapes is measured by bench/fp8_attention.py and bench/wan_profile.py (docs/PERFORMANCE.md). The
+call is a custom op so the compiled WAN blocks keep it whole.
 """
 from __future__ import annotations
 
