@@ -69,7 +69,7 @@ def fp8_levers(transformer, linear: bool) -> dict:
     from pipelines.wan_fp8_attention import use_fp8_attention
     from pipelines.wan_fp8_linear import quantise_video_linears
 
-    levers = {"attention_blocks": use_fp8_attention(transformer)}
+    levers = {"attention_blocks": use_fp8_attention(transformer, fuse_qk=True)}  # as accelerate_wan does
     if linear:
         levers["fp8_linears"] = quantise_video_linears(transformer)
     return levers

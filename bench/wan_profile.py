@@ -1,6 +1,7 @@
 """Where a WAN 2.1 1.3B guided step (480x832, 81 frames) spends its time: kernel time by kind for the plain
 transformer (diffusers' default attention) and the accelerated one (pipelines.accel: compiled blocks) with
-each attention backend in --backends (GENQ_WAN_ATTENTION; `+fp8-linear` after one adds GENQ_WAN_LINEAR=fp8),
+each attention backend in --backends (GENQ_WAN_ATTENTION; `+fp8-linear` after one adds GENQ_WAN_LINEAR=fp8,
+`+unfused` sets GENQ_WAN_FUSE=0),
 and the attention kernels' achieved TFLOP/s.
 
     python -m bench.wan_profile [--tiny] [--backends _native_cudnn,native,fp8+fp8-linear] [--out DIR]
@@ -74,10 +75,10 @@ def main() -> int:
         pipe = build_wan("cuda", tiny=args.tiny)  # same seed: the same weights, uncompiled
         tr = pipe.transformer
         mode = f"accelerated:{backend}"
-        attention_backend, _, linear = backend.partition("+")
+        attention_backend, *flags = backend.split("+")
         applied = accel.accelerate_wan(pipe, accel.AccelOptions(
             enabled=True, compile=True, wan_attention_backend=attention_backend,
-            wan_linear="fp8" if linear == "fp8-linear" else "bf16"))
+            wan_linear="fp8" if "fp8-linear" in flags else "bf16", wan_fuse="unfused" not in flags))
         rec = report["modes"][mode] = {"applied": applied,
                                        **_measure(tr, inputs, out, mode.replace(":", "-"), attention),
                                        "vs_baseline": compare(reference, _forward(tr, *inputs))}

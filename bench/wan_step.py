@@ -47,7 +47,7 @@ def main() -> None:
         from pipelines.wan_fp8_attention import use_fp8_attention
         from pipelines.wan_fp8_linear import quantise_video_linears
 
-        rep.stage("fp8_levers", lambda: {"blocks": use_fp8_attention(pipe.transformer)})
+        rep.stage("fp8_levers", lambda: {"blocks": use_fp8_attention(pipe.transformer, fuse_qk=True)})
         rep.stage("fp8_per_step", lambda: timed("fp8"))
         rep.stage("fp8_linear_levers", lambda: {"linears": quantise_video_linears(pipe.transformer, fast_accum=False)})
         rep.stage("fp8_linear_per_step", lambda: timed("fp8_linear"))

@@ -20,6 +20,8 @@ Switches (environment, read by AccelOptions.from_env):
                              FlashAttention-4 (pipelines/flash4.py, exact; Hopper/Blackwell, its package)
   GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
                              (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
+  GENQ_WAN_FUSE              1 (default) or 0: WAN's query/key norms with RoPE in one Triton kernel and the
+                             feed-forward's GELU in its product's epilogue (pipelines/wan_fusions.py, exact; CUDA)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
   GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
 
@@ -60,6 +62,7 @@ class AccelOptions(BaseModel):
     dynamo_cache: bool = Field(True, validation_alias="GENQ_COMPILE_DYNAMO_CACHE")
     wan_attention_backend: str = Field("_native_cudnn", validation_alias="GENQ_WAN_ATTENTION")
     wan_linear: Literal["bf16", "fp8"] = Field("bf16", validation_alias="GENQ_WAN_LINEAR")
+    wan_fuse: bool = Field(True, validation_alias="GENQ_WAN_FUSE")
     wan_vae_bf16: bool = Field(False, validation_alias="GENQ_WAN_VAE_BF16")
     # cuDNN autotuning tries algorithms whose workspaces reach tens of GB for each new convolution
     # shape (+35 GiB for a moment in a WAN VAE decode on an H200, beyond any admission budget): only
@@ -244,21 +247,11 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     torch.backends.cudnn.benchmark = opts.cudnn_benchmark
     if opts.compile:
         configure_compile_cache(opts.cache_dir)  # before FlashAttention-4's import reads its cache folder
-    if opts.wan_attention_backend == "flash4":
-        from . import flash4, wan_self_attention
+    applied += _wan_attention(pipe.transformer, opts)
+    if opts.wan_fuse:
+        from . import wan_fusions
 
-        flash4.check_device(pipe.transformer.device)
-        wan_self_attention.use_self_attention(pipe.transformer, wan_self_attention.Flash4WanAttnProcessor)
-        applied.append("attention:flash4")
-    elif opts.wan_attention_backend == "fp8":
-        from . import wan_fp8_attention
-
-        wan_fp8_attention.check_device(pipe.transformer.device)
-        wan_fp8_attention.use_fp8_attention(pipe.transformer)
-        applied.append("attention:fp8")
-    elif opts.wan_attention_backend:
-        pipe.transformer.set_attention_backend(opts.wan_attention_backend)
-        applied.append(f"attention:{opts.wan_attention_backend}")
+        applied.append(f"gelu_epilogue:{wan_fusions.gelu_in_epilogue(pipe.transformer)}")
     if opts.wan_linear == "fp8":
         from . import wan_fp8_linear
 
@@ -267,6 +260,42 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     if opts.compile:
         # Regional compilation: one compiled block serves all 30 (seconds of compile, not minutes);
         # no fullgraph, so the opt-in step cache's data-dependent hooks can graph-break around it.
-        pipe.transformer.compile_repeated_blocks(mode=opts.compile_mode)
+        pipe.transformer.compile_repeated_blocks(**_wan_compile_options(opts))
         applied.append(f"compile_blocks:{opts.compile_mode or 'default'}")
     return applied
+
+
+def _wan_compile_options(opts: AccelOptions) -> dict:
+    """torch.compile's arguments for WAN's blocks. With GENQ_WAN_FUSE, inductor's multi-kernel reductions:
+    the blocks' layer norms run over 1536 channels, past the 1024 up to which inductor keeps a row in
+    registers, so each reads its rows twice; with multi_kernel it compiles both forms and keeps the faster
+    one at the first call."""
+    if not opts.wan_fuse:
+        return {"mode": opts.compile_mode}
+    import torch._inductor
+
+    mode = opts.compile_mode if opts.compile_mode not in (None, "default") else None
+    return {"options": {**(torch._inductor.list_mode_options(mode) if mode else {}), "triton.multi_kernel": 1}}
+
+
+def _wan_attention(transformer, opts: AccelOptions) -> list[str]:
+    """Each block's attention per GENQ_WAN_ATTENTION; with GENQ_WAN_FUSE the self-attention's queries and
+    keys come from pipelines/wan_fusions.py's kernel, whichever backend attends."""
+    from . import wan_self_attention
+
+    backend, fuse = opts.wan_attention_backend, opts.wan_fuse
+    if backend == "flash4":
+        from . import flash4
+
+        flash4.check_device(transformer.device)
+        wan_self_attention.use_self_attention(transformer, wan_self_attention.Flash4WanAttnProcessor, fuse_qk=fuse)
+    elif backend == "fp8":
+        from . import wan_fp8_attention
+
+        wan_fp8_attention.check_device(transformer.device)
+        wan_fp8_attention.use_fp8_attention(transformer, fuse_qk=fuse)
+    elif fuse:
+        wan_self_attention.use_self_attention(transformer, wan_self_attention.SelfAttnProcessor, backend, fuse_qk=True)
+    elif backend:
+        transformer.set_attention_backend(backend)
+    return ([f"attention:{backend}"] if backend else []) + (["qk_norm_rope"] if fuse else [])

@@ -16,6 +16,11 @@ import torch
 
 SWITCH = "GENQ_WAN_ATTENTION=flash4"
 CARDS = (9, 10)  # compute capability majors with a FlashAttention-4 forward we use: Hopper, Blackwell
+# The Hopper forward's launch shape at head dim 128. The package picks 128x128 with P V from registers;
+# 192x128 with P V from shared memory ran 2.4% faster at WAN's shape on an H200 (689 against 672
+# TFLOP/s, the best of 28 tiles: bench/fp8_attention.py --flash4-tiles). Set through the package's internal
+# forward, whose signature is that of the pinned version; without it, the package's own choice.
+HOPPER_TILE = {"tile_mn": (192, 128), "mma_pv_is_rs": False, "intra_wg_overlap": True}
 
 
 @functools.cache
@@ -25,6 +30,21 @@ def _kernel() -> Callable:
     except ImportError as exc:
         raise RuntimeError(f"{SWITCH} needs the flash-attn-4 package (pip install '.[flash4]'): {exc}") from exc
     return flash_attn_func
+
+
+@functools.cache
+def _hopper_forward() -> Callable | None:
+    try:
+        from flash_attn.cute.interface import _flash_attn_fwd
+    except ImportError:
+        return None
+    return functools.partial(_flash_attn_fwd, **HOPPER_TILE)
+
+
+def _forward(query: torch.Tensor) -> Callable:
+    if query.is_cuda and query.shape[-1] == 128 and torch.cuda.get_device_capability(query.device)[0] == 9:
+        return _hopper_forward() or _kernel()
+    return _kernel()
 
 
 def check_device(device: torch.device) -> None:
@@ -47,9 +67,8 @@ def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
 
 @torch.library.custom_op("genq::flash4", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v of [batch, tokens, heads, dim] tensors, no mask; out in q's layout, with
-    the package's own launch shape (a sweep of the others at WAN's shape gained 2%, bench/fp8_attention.py)."""
-    return _kernel()(query, key, value)[0]
+    """softmax(q k^T / sqrt(d)) v of [batch, tokens, heads, dim] tensors, no mask; out in q's layout."""
+    return _forward(query)(query, key, value)[0]
 
 
 @attention.register_fake

@@ -17,7 +17,7 @@ class Fp8WanAttnProcessor(SelfAttnProcessor):
     """diffusers' WanAttnProcessor, with plain self-attention computed by fp8_attention.attention (shapes
     the kernel does not take, such as a head dim that is not a power of two, stay exact)."""
 
-    def self_attention(self, query, key, value):
+    def attention(self, query, key, value):
         if fp8_attention.supported(query, key, value) is not None:
             return None
         return fp8_attention.attention(query, key, value)
@@ -28,7 +28,7 @@ def check_device(device: torch.device) -> None:
     require_fp8_card(device, "GENQ_WAN_ATTENTION=fp8")
 
 
-def use_fp8_attention(transformer, exact_backend: str = EXACT_BACKEND) -> int:
-    """Give every block's self-attention the FP8 processor (VACE's hint blocks too), the rest
-    `exact_backend`; returns how many."""
-    return use_self_attention(transformer, Fp8WanAttnProcessor, exact_backend)
+def use_fp8_attention(transformer, exact_backend: str = EXACT_BACKEND, fuse_qk: bool = False) -> int:
+    """Give every block's self-attention the FP8 processor (VACE's hint blocks too; `fuse_qk`: see
+    SelfAttnProcessor), the rest `exact_backend`; returns how many."""
+    return use_self_attention(transformer, Fp8WanAttnProcessor, exact_backend, fuse_qk)

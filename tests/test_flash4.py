@@ -1,4 +1,4 @@
-"""GENQ_WAN_ATTENTION=flash4: the WAN processor routes only the plain self-attention through the
+"""GENQ_WAN_ATTENTION=flash4: the WAN processor routes the plain self- and text cross-attention through the
 FlashAttention-4 op (here the package's function is stood in for by SDPA on the CPU, with its signature
 and (out, lse) return), and a card or install that cannot run it is refused naming the switch. The kernel
 itself runs on the GPU only: bench/fp8_attention.py and bench/wan_profile.py measure it there."""
@@ -19,13 +19,13 @@ from pipelines.wan_self_attention import Flash4WanAttnProcessor, use_self_attent
 
 def _sdpa_as_flash4(calls: list):
     def kernel(q, k, v):
-        calls.append(tuple(q.shape))
+        calls.append((tuple(q.shape), tuple(k.shape)))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2), None
     return kernel
 
 
-def test_the_processor_changes_only_who_computes_self_attention(monkeypatch):
+def test_the_processor_changes_only_who_computes_self_and_cross_attention(monkeypatch):
     calls: list = []
     monkeypatch.setattr(flash4, "_kernel", lambda: _sdpa_as_flash4(calls))
     monkeypatch.setattr(flash4, "takes", lambda q, k, v: True)  # the real check wants CUDA tensors
@@ -41,8 +41,9 @@ def test_the_processor_changes_only_who_computes_self_attention(monkeypatch):
         ours = run()
     assert torch.equal(ours, stock)
     tokens = 2 * 16 * 16 // 4  # latent frames x (16/2)^2 patches
-    assert calls == [(1, tokens, tr.config.num_attention_heads, tr.config.attention_head_dim)] * 2
-    assert all(not isinstance(b.attn2.processor, Flash4WanAttnProcessor) for b in tr.blocks)  # cross stays
+    heads = (tr.config.num_attention_heads, tr.config.attention_head_dim)
+    video, text = (1, tokens, *heads), (1, 16, *heads)
+    assert calls == [(video, video), (video, text)] * 2  # each block: self-attention, then to the text
 
 
 def test_shapes_the_kernel_does_not_take_stay_on_the_backend(monkeypatch):
@@ -50,7 +51,7 @@ def test_shapes_the_kernel_does_not_take_stay_on_the_backend(monkeypatch):
     monkeypatch.setattr(flash4, "_kernel", lambda: _sdpa_as_flash4(calls))
     q = torch.zeros(1, 8, 2, 32, dtype=torch.bfloat16)
     assert not flash4.takes(q, q, q)  # CPU tensors
-    assert Flash4WanAttnProcessor().self_attention(q, q, q) is None and calls == []
+    assert Flash4WanAttnProcessor().attention(q, q, q) is None and calls == []
 
 
 @pytest.mark.parametrize("shapes, dtype", [
