@@ -260,22 +260,9 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
     if opts.compile:
         # Regional compilation: one compiled block serves all 30 (seconds of compile, not minutes);
         # no fullgraph, so the opt-in step cache's data-dependent hooks can graph-break around it.
-        pipe.transformer.compile_repeated_blocks(**_wan_compile_options(opts))
+        pipe.transformer.compile_repeated_blocks(mode=opts.compile_mode)
         applied.append(f"compile_blocks:{opts.compile_mode or 'default'}")
     return applied
-
-
-def _wan_compile_options(opts: AccelOptions) -> dict:
-    """torch.compile's arguments for WAN's blocks. With GENQ_WAN_FUSE, inductor's multi-kernel reductions:
-    the blocks' layer norms run over 1536 channels, past the 1024 up to which inductor keeps a row in
-    registers, so each reads its rows twice; with multi_kernel it compiles both forms and keeps the faster
-    one at the first call."""
-    if not opts.wan_fuse:
-        return {"mode": opts.compile_mode}
-    import torch._inductor
-
-    mode = opts.compile_mode if opts.compile_mode not in (None, "default") else None
-    return {"options": {**(torch._inductor.list_mode_options(mode) if mode else {}), "triton.multi_kernel": 1}}
 
 
 def _wan_attention(transformer, opts: AccelOptions) -> list[str]:

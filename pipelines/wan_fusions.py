@@ -67,19 +67,24 @@ def _qk_norm_rope(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: to
 
 
 def takes(attn, hidden_states: torch.Tensor, rotary_emb) -> bool:
-    """Whether `qk_norm_rope` computes this self-attention's queries and keys: a fused q|k|v product,
-    RMSNorm across heads with weights, a rotary table of [1, tokens, 1, head_dim] per token."""
-    if rotary_emb is None or not attn.fused_projections or not hidden_states.is_cuda:
+    """Whether `qk_norm_rope` computes this self-attention's queries and keys: 16-bit CUDA activations and
+    a layer `fits`."""
+    return (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16)
+            and fits(attn, hidden_states.shape[1], rotary_emb))
+
+
+def fits(attn, tokens: int, rotary_emb) -> bool:
+    """A fused q|k|v product, RMSNorm across heads with weights, and a rotary table of [1, tokens, 1,
+    head_dim] (each angle repeated for both channels of a pair, as diffusers builds it)."""
+    if rotary_emb is None or not attn.fused_projections:
         return False
-    cos, sin = rotary_emb
     c = attn.to_qkv.weight.shape[0] // 3
     head_dim = c // attn.heads
-    norms = (attn.norm_q, attn.norm_k)
     return (all(type(n) is nn.RMSNorm and n.weight is not None and tuple(n.normalized_shape) == (c,)
-                for n in norms)
-            and hidden_states.dtype in (torch.bfloat16, torch.float16) and head_dim % 2 == 0
-            and all(t.dim() == 4 and t.shape[0] == 1 and t.shape[1] == hidden_states.shape[1] and t.shape[2] == 1
-                    and t.shape[3] == head_dim and t.stride(3) == 1 for t in (cos, sin)))
+                for n in (attn.norm_q, attn.norm_k))
+            and head_dim % 2 == 0 and head_dim * attn.heads == c
+            and all(t.dim() == 4 and t.shape[0] == 1 and t.shape[1] == tokens and t.shape[2] == 1
+                    and t.shape[3] == head_dim and t.stride(3) == 1 for t in rotary_emb))
 
 
 def qk_norm_rope(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, ...]:

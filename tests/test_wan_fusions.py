@@ -1,0 +1,167 @@
+"""GENQ_WAN_FUSE (pipelines/wan_fusions.py): the query/key norm + RoPE kernel gives diffusers' queries and
+keys, the WAN processor uses it only where it fits, and the feed-forward's GELU module computes what
+diffusers' does. The Triton kernel runs here through Triton's interpreter, in a child process (the
+interpreter must be on before Triton compiles anything), in fp32 and fp16 (the interpreter computes bf16 as
+integers; bf16 and cuBLASLt's GELU epilogue are checked on the GPU: bench.wan's equality, bench.wan_profile's
+vs_baseline)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.activations import GELU
+
+from bench.models import build_wan
+from pipelines.accel import AccelOptions, _wan_attention, fuse_wan_qkv
+from pipelines.wan_self_attention import SelfAttnProcessor
+
+pytest.importorskip("triton")
+from pipelines import wan_fusions  # noqa: E402  needs Triton
+
+ROOT = Path(__file__).resolve().parents[1]
+
+KERNEL = r"""
+import json, sys, torch
+from pipelines import wan_fusions
+from pipelines.wan_self_attention import _rotate
+
+out = []
+for batch, tokens, heads, dim, dtype in json.loads(sys.argv[1]):
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(tokens)
+    c = heads * dim
+    qkv = (3 * torch.randn(batch, tokens, 3 * c, generator=g)).to(dt)
+    wq, wk = (torch.randn(c, generator=g).to(dt) for _ in range(2))
+    angle = torch.randn(tokens, dim // 2, generator=g, dtype=torch.float64)
+    cos, sin = (f(angle).repeat_interleave(2, -1).view(1, tokens, 1, dim) for f in (torch.cos, torch.sin))
+    q, k = torch.ops.genq.wan_qk_norm_rope(qkv, wq, wk, cos, sin, 1e-6, dim)
+    errs = []
+    for part, (got, w) in enumerate(((q, wq), (k, wk))):
+        norm = torch.nn.RMSNorm(c, eps=1e-6).to(dt)
+        norm.weight.data = w
+        ref = _rotate(norm(qkv[..., part * c:(part + 1) * c]).unflatten(2, (heads, dim)), cos, sin).double()
+        errs.append(((got.unflatten(2, (heads, dim)).double() - ref).norm() / ref.norm()).item())
+    out.append({"rel_l2": errs, "shape": list(q.shape), "dtype": str(q.dtype).removeprefix("torch.")})
+print(json.dumps(out))
+"""
+
+PROCESSOR = r"""
+import json, torch
+from bench.models import build_wan
+from pipelines import wan_fusions
+from pipelines.accel import fuse_wan_qkv
+from pipelines.wan_self_attention import SelfAttnProcessor, use_self_attention
+
+calls = []
+kernel = wan_fusions._qk_norm_rope
+wan_fusions._qk_norm_rope = lambda *a: calls.append(a[0].shape) or kernel(*a)
+# what takes() adds to fits() is a CUDA card and 16-bit activations: the interpreter runs fp32 on the CPU
+wan_fusions.takes = lambda attn, h, rotary: wan_fusions.fits(attn, h.shape[1], rotary)
+tr = build_wan("cpu", tiny=True).transformer.float()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, tr.config.in_channels, 2, 16, 16, generator=g)
+enc = torch.randn(1, 16, tr.config.text_dim, generator=g)
+run = lambda: tr(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=enc, return_dict=False)[0]
+with torch.no_grad():
+    stock = run()
+    fuse_wan_qkv(tr)
+    use_self_attention(tr, SelfAttnProcessor, "native", fuse_qk=True)
+    ours = run()
+print(json.dumps({"rel_l2": ((ours - stock).norm() / stock.norm()).item(), "calls": [list(s) for s in calls]}))
+"""
+
+
+def _child(code: str, *args: str):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_kernel_gives_diffusers_normalised_rotated_queries_and_keys():
+    cases = [
+        [1, 7, 2, 16, "float32"],  # 32 channels: the pairs fill the block exactly
+        [2, 5, 3, 16, "float32"],  # two videos (the table's token index wraps), 48 channels: a masked block
+        [1, 9, 2, 64, "float16"],  # a 16-bit dtype, rounded where aten's rms_norm rounds
+    ]
+    got = _child(KERNEL, json.dumps(cases))
+    for (batch, tokens, heads, dim, dtype), row in zip(cases, got):
+        assert row["shape"] == [batch, tokens, heads * dim] and row["dtype"] == dtype
+        assert max(row["rel_l2"]) < (1e-6 if dtype == "float32" else 2e-3), row
+
+
+def test_the_processor_takes_queries_and_keys_from_the_kernel_and_keeps_the_output():
+    got = _child(PROCESSOR)
+    tokens = 2 * 16 * 16 // 4
+    assert got["calls"] == [[1, tokens, 3 * 24]] * 2  # each block's self-attention, from its q|k|v product
+    assert got["rel_l2"] < 1e-5
+
+
+def _rotary(tokens: int, dim: int):
+    table = torch.zeros(1, tokens, 1, dim)
+    return table, table.clone()
+
+
+def test_fits_refuses_layers_the_kernel_does_not_compute():
+    tr = build_wan("cpu", tiny=True).transformer
+    attn = tr.blocks[0].attn1
+    assert not wan_fusions.fits(attn, 8, _rotary(8, 12))  # q, k and v still three products
+    fuse_wan_qkv(tr)
+    assert wan_fusions.fits(attn, 8, _rotary(8, 12))
+    assert not wan_fusions.fits(attn, 8, None)  # no rotary embedding
+    assert not wan_fusions.fits(attn, 9, _rotary(8, 12))  # a table for other tokens
+    assert not wan_fusions.fits(attn, 8, _rotary(8, 6))  # a table for another head size
+    cos, sin = _rotary(8, 24)
+    assert not wan_fusions.fits(attn, 8, (cos[..., ::2], sin[..., ::2]))  # channels not contiguous
+    attn.norm_k = torch.nn.RMSNorm(12)  # a norm per head, not across heads
+    assert not wan_fusions.fits(attn, 8, _rotary(8, 12))
+    assert not wan_fusions.takes(tr.blocks[1].attn1, torch.zeros(1, 8, 24), _rotary(8, 12))  # CPU, fp32
+
+
+def test_the_gelu_module_computes_as_diffusers_and_every_block_gets_one():
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+    from pipelines.tiny_wan import _TRANSFORMER
+
+    torch.manual_seed(0)
+    stock = GELU(24, 32, approximate="tanh")
+    ours = wan_fusions.GeluLinear(stock.proj)
+    x = torch.randn(2, 5, 24)
+    assert torch.equal(ours(x), stock(x))
+    tr = WanTransformer3DModel(**_TRANSFORMER)
+    tr.blocks[1].ffn.net[0].approximate = "none"  # the erf GELU: cuBLASLt's epilogue computes the tanh form only
+    assert wan_fusions.gelu_in_epilogue(tr) == 1
+    assert isinstance(tr.blocks[0].ffn.net[0], wan_fusions.GeluLinear) and type(tr.blocks[1].ffn.net[0]) is GELU
+    assert wan_fusions.gelu_in_epilogue(tr) == 0  # once only
+
+
+def test_the_gelu_module_falls_back_when_its_product_is_no_plain_linear():
+    torch.manual_seed(0)
+    stock = GELU(24, 32, approximate="tanh")
+    ours = wan_fusions.GeluLinear(stock.proj)
+
+    class Scaled(torch.nn.Linear):  # as an Fp8Linear (GENQ_WAN_LINEAR=fp8) replaces the product
+        pass
+    ours.proj = Scaled(24, 32)
+    ours.proj.load_state_dict(stock.proj.state_dict())
+    x = torch.randn(3, 24)
+    assert torch.equal(ours(x), stock(x))
+
+
+def test_the_switch_is_read_and_sets_the_processors():
+    assert AccelOptions.from_env({}).wan_fuse is True
+    assert AccelOptions.from_env({"GENQ_WAN_FUSE": "0"}).wan_fuse is False
+    with pytest.raises(ValueError, match="GENQ_WAN_FUSE"):
+        AccelOptions.from_env({"GENQ_WAN_FUSE": "sometimes"})
+    tr = build_wan("cpu", tiny=True).transformer
+    assert _wan_attention(tr, AccelOptions(wan_attention_backend="native")) == ["attention:native", "qk_norm_rope"]
+    assert all(type(b.attn1.processor) is SelfAttnProcessor and b.attn1.processor.fuse_qk for b in tr.blocks)
+    assert all(b.attn1.processor._attention_backend == "native" for b in tr.blocks)
+    tr = build_wan("cpu", tiny=True).transformer
+    assert _wan_attention(tr, AccelOptions(wan_attention_backend="native", wan_fuse=False)) == ["attention:native"]
+    assert not any(isinstance(b.attn1.processor, SelfAttnProcessor) for b in tr.blocks)
