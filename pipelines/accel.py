@@ -20,8 +20,9 @@ Switches (environment, read by AccelOptions.from_env):
                              FlashAttention-4 (pipelines/flash4.py, exact; Hopper/Blackwell, its package)
   GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
                              (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
-  GENQ_WAN_FUSE              1 (default) or 0: WAN's query/key norms with RoPE in one Triton kernel and the
-                             feed-forward's GELU in its product's epilogue (pipelines/wan_fusions.py, exact; CUDA)
+  GENQ_WAN_FUSE              1 (default) or 0: WAN's query/key norms with RoPE, and each layer norm with its
+                             residual add and modulation, as Triton kernels, the feed-forward's GELU in its
+                             product's epilogue (pipelines/wan_fusions.py, exact; CUDA)
   GENQ_WAN_VAE_BF16=1        decode WAN video in bf16 instead of fp32 (opt-in: see docs/PERFORMANCE.md)
   GENQ_CUDNN_BENCHMARK=1     cuDNN autotuning of convolutions (opt-in: see below)
 
@@ -252,6 +253,7 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
         from . import wan_fusions
 
         applied.append(f"gelu_epilogue:{wan_fusions.gelu_in_epilogue(pipe.transformer)}")
+        applied.append(f"fused_norms:{wan_fusions.fuse_block_norms(pipe.transformer)}")
     if opts.wan_linear == "fp8":
         from . import wan_fp8_linear
 

@@ -1,7 +1,7 @@
-"""Two fusions for WAN's blocks that inductor does not find on its own (exact: bf16 rounding apart).
+"""Fusions for WAN's blocks that inductor does not find on its own (exact: bf16 rounding apart).
 
 A compiled WAN guided step at 480x832x81 spends about 0.1 s outside attention and the products
-(docs/PERFORMANCE.md, FlashAttention-4 profile), a tenth of the step. Its two largest parts:
+(docs/PERFORMANCE.md, FlashAttention-4 profile), a tenth of the step. Its largest parts:
 - The query and key norm and rotary embedding, 23 ms a step: inductor's kernel loops twice over each
   1536-channel row (RMSNorm across heads) and gathers RoPE's channel pairs in float64 (diffusers keeps the
   rotary table in float64). `qk_norm_rope` is one Triton pass from the fused q|k|v product to the
@@ -9,8 +9,11 @@ A compiled WAN guided step at 480x832x81 spends about 0.1 s outside attention an
 - The feed-forward's tanh GELU, 25 ms a step: a separate pass over 32,760 x 8,960 values. `GeluLinear`
   computes it in the product's epilogue instead (cuBLASLt's GELU epilogue, `torch._addmm_activation`,
   which is the tanh form on CUDA).
+- The three layer norms with their residual adds and modulation, 32 ms a step: inductor's kernels move
+  1.1-2.4 TB/s, reading each 1536-channel row twice. `fused_block_forward` is diffusers' block forward with
+  each of them as one Triton pass (`residual_norm`), a row held in registers.
 
-`accel.accelerate_wan` applies both on CUDA unless GENQ_WAN_FUSE=0. Importing this module needs Triton
+`accel.accelerate_wan` applies them on CUDA unless GENQ_WAN_FUSE=0. Importing this module needs Triton
 (it comes with CUDA builds of torch); the tests run the kernel on a CPU through Triton's interpreter.
 """
 from __future__ import annotations
@@ -127,3 +130,115 @@ def gelu_in_epilogue(transformer) -> int:
             block.ffn.net[0] = GeluLinear(first.proj)
             swapped += 1
     return swapped
+
+
+@triton.jit
+def _residual_norm_kernel(X, A, Gate, W, B, Scale, Shift, OutX, OutY, eps, tokens, s_gate, s_scale, s_shift,
+                          C: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                          AFFINE: tl.constexpr, MODULATED: tl.constexpr):
+    """One token's row: with RESIDUAL x + a (a scaled by the video's gate if GATED) rounded to x's dtype and
+    stored, then a LayerNorm of it in fp32 (weight and bias if AFFINE), times (1 + scale) plus shift if
+    MODULATED, rounded to x's dtype: what diffusers' WanTransformerBlock computes in fp32 between products."""
+    row = tl.program_id(0)
+    video = row // tokens
+    c = tl.arange(0, BLOCK)
+    live = c < C
+    x = tl.load(X + row * C + c, mask=live, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        a = tl.load(A + row * C + c, mask=live, other=0.0).to(tl.float32)
+        if GATED:
+            a = a * tl.load(Gate + video * s_gate + c, mask=live, other=0.0)
+        rounded = (x + a).to(OutX.dtype.element_ty)
+        tl.store(OutX + row * C + c, rounded, mask=live)
+        x = rounded.to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    centred = tl.where(live, x - mean, 0.0)
+    y = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / C + eps)
+    if AFFINE:
+        y = y * tl.load(W + c, mask=live, other=0.0).to(tl.float32) + tl.load(B + c, mask=live, other=0.0).to(tl.float32)
+    if MODULATED:
+        scale = tl.load(Scale + video * s_scale + c, mask=live, other=0.0)
+        y = y * (1 + scale) + tl.load(Shift + video * s_shift + c, mask=live, other=0.0)
+    tl.store(OutY + row * C + c, y.to(OutY.dtype.element_ty), mask=live)
+
+
+def _launch(x, a, gate, weight, bias, scale, shift, eps, out_x):
+    batch, tokens, c = x.shape
+    out_y = torch.empty_like(x)
+    block = triton.next_power_of_2(c)
+    if x.numel():
+        wrap_triton(_residual_norm_kernel)[(batch * tokens,)](
+            x, a if a is not None else x, gate if gate is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, scale if scale is not None else x, shift if shift is not None else x,
+            out_x if out_x is not None else x, out_y, eps, tokens,
+            *(t.stride(0) if t is not None else 0 for t in (gate, scale, shift)),
+            C=c, BLOCK=block, RESIDUAL=a is not None, GATED=gate is not None, AFFINE=weight is not None,
+            MODULATED=scale is not None, num_warps=max(4, min(16, block // 256)))
+    return out_y
+
+
+@triton_op("genq::wan_norm", mutates_args=())
+def _norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None,
+          shift: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _launch(x, None, None, weight, bias, scale, shift, eps, None)
+
+
+@triton_op("genq::wan_residual_norm", mutates_args=())
+def _residual_norm(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out_x = torch.empty_like(x)
+    return out_x, _launch(x, a, gate, weight, bias, scale, shift, eps, out_x)
+
+
+def residual_norm(norm, x: torch.Tensor, a: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
+    """diffusers' `norm(x.float())` after the residual `x + a * gate` (if `a`), times (1 + scale) plus shift
+    (if given), in x's dtype: (new x, normed) with `a`, else normed. gate, scale, shift: [videos, 1, C]."""
+    vectors = [t if t is None else t.float() for t in (gate, scale, shift)]
+    args = (norm.weight, norm.bias, *vectors[1:], norm.eps)
+    if a is None:
+        return _norm(x.contiguous(), *args)
+    return _residual_norm(x.contiguous(), a.contiguous(), vectors[0], *args)
+
+
+def _fused_fits(block, hidden_states: torch.Tensor, temb: torch.Tensor) -> bool:
+    from diffusers.models.normalization import FP32LayerNorm
+
+    c = hidden_states.shape[-1]
+    return (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and temb.ndim == 3
+            and all(type(n) is FP32LayerNorm and tuple(n.normalized_shape) == (c,)
+                    and (n.weight is None) == (n.bias is None) for n in (block.norm1, block.norm2, block.norm3)))
+
+
+def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    """diffusers 0.42's WanTransformerBlock.forward with each norm, its residual add and its modulation as
+    one `residual_norm` pass; blocks and inputs it does not fit (per-token modulation of WAN 2.2's 5B, no
+    cross-attention norm, a CPU) run diffusers' forward."""
+    if not _fused_fits(block, hidden_states, temb):
+        return type(block).forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+        block.scale_shift_table + temb.float()).chunk(6, dim=1)
+    normed = residual_norm(block.norm1, hidden_states, scale=scale_msa, shift=shift_msa)
+    attn_output = block.attn1(normed, None, None, rotary_emb)
+    hidden_states, normed = residual_norm(block.norm2, hidden_states, attn_output, gate_msa)
+    attn_output = block.attn2(normed, encoder_hidden_states, None, None)
+    hidden_states, normed = residual_norm(block.norm3, hidden_states, attn_output, scale=c_scale_msa,
+                                          shift=c_shift_msa)
+    ff_output = block.ffn(normed)
+    return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+def fuse_block_norms(transformer) -> int:
+    """Every WanTransformerBlock (not VACE's hint blocks, whose forward differs) runs fused_block_forward;
+    returns how many. Before any hook (the step cache wraps whatever forward a block has)."""
+    import types
+
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    fused = 0
+    for block in transformer.blocks:
+        if type(block) is WanTransformerBlock and "forward" not in vars(block):
+            block.forward = types.MethodType(fused_block_forward, block)
+            fused += 1
+    return fused

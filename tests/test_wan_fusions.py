@@ -76,6 +76,36 @@ print(json.dumps({"rel_l2": ((ours - stock).norm() / stock.norm()).item(), "call
 """
 
 
+BLOCKS = r"""
+import json, torch
+from bench.models import build_wan
+from pipelines import wan_fusions
+
+out = {}
+launch, fits = wan_fusions._launch, wan_fusions._fused_fits
+for dtype in ("float32", "float16"):
+    tr = build_wan("cpu", tiny=True).transformer.to(getattr(torch, dtype))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, tr.config.in_channels, 2, 16, 16, generator=g).to(tr.dtype)
+    enc = torch.randn(2, 16, tr.config.text_dim, generator=g).to(tr.dtype)
+    # two videos at different timesteps: each row takes its own video's modulation
+    run = lambda: tr(hidden_states=x, timestep=torch.tensor([500, 300]), encoder_hidden_states=enc,
+                     return_dict=False)[0]
+    with torch.no_grad():
+        stock = run()
+        fused = wan_fusions.fuse_block_norms(tr)
+        # what _fused_fits adds is a CUDA card and 16-bit activations: the interpreter runs on the CPU
+        wan_fusions._fused_fits = lambda block, h, temb: temb.ndim == 3
+        calls = []
+        wan_fusions._launch = lambda *a: calls.append(a[1] is not None) or launch(*a)
+        ours = run()
+        wan_fusions._fused_fits = fits
+    out[dtype] = {"fused": fused, "calls": calls,
+                  "rel_l2": ((ours.double() - stock.double()).norm() / stock.double().norm()).item()}
+print(json.dumps(out))
+"""
+
+
 def _child(code: str, *args: str):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -101,6 +131,36 @@ def test_the_processor_takes_queries_and_keys_from_the_kernel_and_keeps_the_outp
     tokens = 2 * 16 * 16 // 4
     assert got["calls"] == [[1, tokens, 3 * 24]] * 2  # each block's self-attention, from its q|k|v product
     assert got["rel_l2"] < 1e-5
+
+
+def test_fused_blocks_compute_diffusers_norms_residuals_and_modulation():
+    got = _child(BLOCKS)
+    for dtype, tolerance in (("float32", 1e-6), ("float16", 1e-3)):
+        row = got[dtype]
+        assert row["fused"] == 2
+        assert row["calls"] == [False, True, True] * 2  # each block: norm1, then two residual norms
+        assert row["rel_l2"] < tolerance, row
+
+
+@pytest.mark.slow
+def test_fused_blocks_fall_back_off_the_gpu_and_carry_the_step_cache():
+    from pipelines.step_cache import set_wan_step_cache
+
+    pipe = build_wan("cpu", tiny=True)
+    emb = torch.randn(1, 16, 32, dtype=torch.bfloat16)
+
+    def video():
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=32, width=32, num_frames=5,
+                    num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    before = video()
+    assert wan_fusions.fuse_block_norms(pipe.transformer) == 2
+    assert wan_fusions.fuse_block_norms(pipe.transformer) == 0  # once only
+    assert torch.equal(video(), before)  # a CPU: diffusers' forward
+    set_wan_step_cache(pipe, 0.05)
+    assert torch.isfinite(video()).all()
+    set_wan_step_cache(pipe, None)
+    assert torch.equal(video(), before)
+    assert all(b.forward.__func__ is wan_fusions.fused_block_forward for b in pipe.transformer.blocks)
 
 
 def _rotary(tokens: int, dim: int):
