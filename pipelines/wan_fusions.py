@@ -18,6 +18,8 @@ A compiled WAN guided step at 480x832x81 spends about 0.1 s outside attention an
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -25,21 +27,32 @@ from torch import nn
 from torch.library import triton_op, wrap_triton
 
 
+class Launch(NamedTuple):
+    """A row kernel's launch shape: token rows per program, warps per program."""
+    rows: int
+    warps: int
+
+
+# Read when a block is traced; bench/wan_norms.py sweeps the alternatives at WAN's shape.
+NORM_ROPE = Launch(rows=1, warps=4)
+RESIDUAL_NORM = Launch(rows=1, warps=8)
+
+
 @triton.jit
-def _norm_rope_kernel(X, W, Cos, Sin, Out, eps, tokens, sx_row, sc_tok, ss_tok,
-                      C: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr):
-    """One token's C channels of X: RMSNorm over all C (weight W), then RoPE on each head's interleaved
+def _norm_rope_kernel(X, W, Cos, Sin, Out, eps, n_rows, tokens, sx_row, sc_tok, ss_tok,
+                      C: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS tokens' C channels of X: RMSNorm over all C (weight W), then RoPE on each head's interleaved
     channel pairs with the token's cos/sin row. Rounded to X's dtype where aten's rms_norm rounds."""
-    row = tl.program_id(0)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     tok = row % tokens
-    p = tl.arange(0, PAIRS)
-    live = p < C // 2
+    p = tl.arange(0, PAIRS)[None, :]
+    live = (p < C // 2) & (row < n_rows)
     x1 = tl.load(X + row * sx_row + 2 * p, mask=live, other=0.0).to(tl.float32)
     x2 = tl.load(X + row * sx_row + 2 * p + 1, mask=live, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x1 * x1 + x2 * x2, axis=0) / C + eps)
+    rstd = tl.rsqrt(tl.sum(x1 * x1 + x2 * x2, axis=1) / C + eps)[:, None]
     dtype = Out.dtype.element_ty
-    w1 = tl.load(W + 2 * p, mask=live, other=0.0).to(tl.float32)
-    w2 = tl.load(W + 2 * p + 1, mask=live, other=0.0).to(tl.float32)
+    w1 = tl.load(W + 2 * p, mask=p < C // 2, other=0.0).to(tl.float32)
+    w2 = tl.load(W + 2 * p + 1, mask=p < C // 2, other=0.0).to(tl.float32)
     y1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
     y2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     d = (2 * p) % D  # channel within the head; diffusers' table repeats each angle for both of a pair
@@ -56,15 +69,15 @@ def _qk_norm_rope(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: to
     batch, tokens, width = qkv.shape
     c = width // 3
     rows = qkv.reshape(batch * tokens, width)
-    pairs = triton.next_power_of_2(c // 2)
+    n, launch = rows.shape[0], NORM_ROPE
     outs = []
     for part, weight in enumerate((wq, wk)):
         out = torch.empty((batch, tokens, c), device=qkv.device, dtype=qkv.dtype)
-        if rows.shape[0]:
-            # about 8 pairs a thread: 4 warps for WAN 1.3B's 1536 channels, 8 for 14B's 5120
-            wrap_triton(_norm_rope_kernel)[(rows.shape[0],)](
-                rows[:, part * c:], weight, cos, sin, out, eps, tokens, rows.stride(0), cos.stride(1),
-                sin.stride(1), C=c, D=head_dim, PAIRS=pairs, num_warps=max(1, min(16, pairs // 256)))
+        if n:
+            wrap_triton(_norm_rope_kernel)[(triton.cdiv(n, launch.rows),)](
+                rows[:, part * c:], weight, cos, sin, out, eps, n, tokens, rows.stride(0), cos.stride(1),
+                sin.stride(1), C=c, D=head_dim, PAIRS=triton.next_power_of_2(c // 2), ROWS=launch.rows,
+                num_warps=launch.warps)
         outs.append(out)
     return outs[0], outs[1]
 
@@ -133,16 +146,16 @@ def gelu_in_epilogue(transformer) -> int:
 
 
 @triton.jit
-def _residual_norm_kernel(X, A, Gate, W, B, Scale, Shift, OutX, OutY, eps, tokens, s_gate, s_scale, s_shift,
-                          C: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-                          AFFINE: tl.constexpr, MODULATED: tl.constexpr):
-    """One token's row: with RESIDUAL x + a (a scaled by the video's gate if GATED) rounded to x's dtype and
-    stored, then a LayerNorm of it in fp32 (weight and bias if AFFINE), times (1 + scale) plus shift if
+def _residual_norm_kernel(X, A, Gate, W, B, Scale, Shift, OutX, OutY, eps, n_rows, tokens, s_gate, s_scale, s_shift,
+                          C: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr,
+                          GATED: tl.constexpr, AFFINE: tl.constexpr, MODULATED: tl.constexpr):
+    """ROWS tokens' rows: with RESIDUAL x + a (a scaled by the video's gate if GATED) rounded to x's dtype
+    and stored, then a LayerNorm of it in fp32 (weight and bias if AFFINE), times (1 + scale) plus shift if
     MODULATED, rounded to x's dtype: what diffusers' WanTransformerBlock computes in fp32 between products."""
-    row = tl.program_id(0)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     video = row // tokens
-    c = tl.arange(0, BLOCK)
-    live = c < C
+    c = tl.arange(0, BLOCK)[None, :]
+    live = (c < C) & (row < n_rows)
     x = tl.load(X + row * C + c, mask=live, other=0.0).to(tl.float32)
     if RESIDUAL:
         a = tl.load(A + row * C + c, mask=live, other=0.0).to(tl.float32)
@@ -151,11 +164,11 @@ def _residual_norm_kernel(X, A, Gate, W, B, Scale, Shift, OutX, OutY, eps, token
         rounded = (x + a).to(OutX.dtype.element_ty)
         tl.store(OutX + row * C + c, rounded, mask=live)
         x = rounded.to(tl.float32)
-    mean = tl.sum(x, axis=0) / C
+    mean = tl.sum(x, axis=1)[:, None] / C
     centred = tl.where(live, x - mean, 0.0)
-    y = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / C + eps)
+    y = centred * tl.rsqrt(tl.sum(centred * centred, axis=1) / C + eps)[:, None]
     if AFFINE:
-        y = y * tl.load(W + c, mask=live, other=0.0).to(tl.float32) + tl.load(B + c, mask=live, other=0.0).to(tl.float32)
+        y = y * tl.load(W + c, mask=c < C, other=0.0).to(tl.float32) + tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)
     if MODULATED:
         scale = tl.load(Scale + video * s_scale + c, mask=live, other=0.0)
         y = y * (1 + scale) + tl.load(Shift + video * s_shift + c, mask=live, other=0.0)
@@ -165,15 +178,15 @@ def _residual_norm_kernel(X, A, Gate, W, B, Scale, Shift, OutX, OutY, eps, token
 def _launch(x, a, gate, weight, bias, scale, shift, eps, out_x):
     batch, tokens, c = x.shape
     out_y = torch.empty_like(x)
-    block = triton.next_power_of_2(c)
-    if x.numel():
-        wrap_triton(_residual_norm_kernel)[(batch * tokens,)](
+    n, launch = batch * tokens, RESIDUAL_NORM
+    if n:
+        wrap_triton(_residual_norm_kernel)[(triton.cdiv(n, launch.rows),)](
             x, a if a is not None else x, gate if gate is not None else x, weight if weight is not None else x,
             bias if bias is not None else x, scale if scale is not None else x, shift if shift is not None else x,
-            out_x if out_x is not None else x, out_y, eps, tokens,
+            out_x if out_x is not None else x, out_y, eps, n, tokens,
             *(t.stride(0) if t is not None else 0 for t in (gate, scale, shift)),
-            C=c, BLOCK=block, RESIDUAL=a is not None, GATED=gate is not None, AFFINE=weight is not None,
-            MODULATED=scale is not None, num_warps=max(4, min(16, block // 256)))
+            C=c, BLOCK=triton.next_power_of_2(c), ROWS=launch.rows, RESIDUAL=a is not None, GATED=gate is not None,
+            AFFINE=weight is not None, MODULATED=scale is not None, num_warps=launch.warps)
     return out_y
 
 

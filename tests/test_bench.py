@@ -95,6 +95,18 @@ def test_skinny_gemm_times_fp8_weights_against_bf16_cublas(tmp_path):
         assert row["rel_l2_vs_dequantised"] < 1e-5 and row["deterministic"]
 
 
+def test_wan_norms_times_each_row_kernel_per_launch_shape(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.wan_norms", "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = json.loads((tmp_path / "wan_norms_tiny.json").read_text())["stages"]["sweep"]
+    assert set(sweep["best"]) == {"norm1_modulated", "residual_gated_norm2", "residual_norm3_modulated", "qk_norm_rope"}
+    for name, best in sweep["best"].items():
+        assert best["us"] > 0 and best["tb_s"] >= 0 and (best["rows"], best["warps"]) == (2, 2), name
+        assert sweep["at_defaults"][name] is None  # the tiny sweep's one launch shape is not a default
+
+
 def test_fp8_attention_times_the_kernel_against_bf16_attention_and_measures_its_difference(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.fp8_attention", "--tiny", "--device", "cpu", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,

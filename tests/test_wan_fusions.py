@@ -31,7 +31,8 @@ from pipelines import wan_fusions
 from pipelines.wan_self_attention import _rotate
 
 out = []
-for batch, tokens, heads, dim, dtype in json.loads(sys.argv[1]):
+for batch, tokens, heads, dim, dtype, rows in json.loads(sys.argv[1]):
+    wan_fusions.NORM_ROPE = wan_fusions.Launch(rows=rows, warps=4)
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(tokens)
     c = heads * dim
@@ -83,10 +84,12 @@ from pipelines import wan_fusions
 
 out = {}
 launch, fits = wan_fusions._launch, wan_fusions._fused_fits
-for dtype in ("float32", "float16"):
+# 64 rows a program over 2 videos x 112 tokens: programs that span both videos, the last one short
+for dtype, rows in (("float32", 1), ("float16", 64)):
+    wan_fusions.RESIDUAL_NORM = wan_fusions.Launch(rows=rows, warps=4)
     tr = build_wan("cpu", tiny=True).transformer.to(getattr(torch, dtype))
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, tr.config.in_channels, 2, 16, 16, generator=g).to(tr.dtype)
+    x = torch.randn(2, tr.config.in_channels, 2, 16, 14, generator=g).to(tr.dtype)
     enc = torch.randn(2, 16, tr.config.text_dim, generator=g).to(tr.dtype)
     # two videos at different timesteps: each row takes its own video's modulation
     run = lambda: tr(hidden_states=x, timestep=torch.tensor([500, 300]), encoder_hidden_states=enc,
@@ -116,12 +119,13 @@ def _child(code: str, *args: str):
 
 def test_the_kernel_gives_diffusers_normalised_rotated_queries_and_keys():
     cases = [
-        [1, 7, 2, 16, "float32"],  # 32 channels: the pairs fill the block exactly
-        [2, 5, 3, 16, "float32"],  # two videos (the table's token index wraps), 48 channels: a masked block
-        [1, 9, 2, 64, "float16"],  # a 16-bit dtype, rounded where aten's rms_norm rounds
+        [1, 7, 2, 16, "float32", 1],  # 32 channels: the pairs fill the block exactly
+        [2, 5, 3, 16, "float32", 1],  # two videos (the table's token index wraps), 48 channels: a masked block
+        [1, 9, 2, 64, "float16", 1],  # a 16-bit dtype, rounded where aten's rms_norm rounds
+        [2, 7, 3, 16, "float32", 4],  # 4 rows a program: programs across both videos, the last one short
     ]
     got = _child(KERNEL, json.dumps(cases))
-    for (batch, tokens, heads, dim, dtype), row in zip(cases, got):
+    for (batch, tokens, heads, dim, dtype, _), row in zip(cases, got):
         assert row["shape"] == [batch, tokens, heads * dim] and row["dtype"] == dtype
         assert max(row["rel_l2"]) < (1e-6 if dtype == "float32" else 2e-3), row
 
