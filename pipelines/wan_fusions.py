@@ -33,34 +33,33 @@ class Launch(NamedTuple):
     warps: int
 
 
-# Read when a block is traced; bench/wan_norms.py sweeps the alternatives at WAN's shape.
+# Read when a block is traced; bench/wan_norms.py sweeps the alternatives at WAN's shape. On an H200 one
+# row and 2 warps ran the three norm passes in 51.5, 97.9 and 99.0 us (4 TB/s for the residual ones),
+# against 75.6, 101.1 and 99.6 with 8 warps; more rows a program gained nothing for either kernel.
 NORM_ROPE = Launch(rows=1, warps=4)
-RESIDUAL_NORM = Launch(rows=1, warps=8)
+RESIDUAL_NORM = Launch(rows=1, warps=2)
 
 
 @triton.jit
 def _norm_rope_kernel(X, W, Cos, Sin, Out, eps, n_rows, tokens, sx_row, sc_tok, ss_tok,
                       C: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr):
     """ROWS tokens' C channels of X: RMSNorm over all C (weight W), then RoPE on each head's interleaved
-    channel pairs with the token's cos/sin row. Rounded to X's dtype where aten's rms_norm rounds."""
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    channel pairs with the token's cos/sin row. Rounded to X's dtype where aten's rms_norm rounds. Rows are
+    read and written whole, as [pairs, 2], and split into the pairs' halves in registers."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None, None]
     tok = row % tokens
-    p = tl.arange(0, PAIRS)[None, :]
-    live = (p < C // 2) & (row < n_rows)
-    x1 = tl.load(X + row * sx_row + 2 * p, mask=live, other=0.0).to(tl.float32)
-    x2 = tl.load(X + row * sx_row + 2 * p + 1, mask=live, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x1 * x1 + x2 * x2, axis=1) / C + eps)[:, None]
+    channel = 2 * tl.arange(0, PAIRS)[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, PAIRS, 2]
+    live = (channel < C) & (row < n_rows)
+    x = tl.load(X + row * sx_row + channel, mask=live, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / C + eps)[:, None, None]
     dtype = Out.dtype.element_ty
-    w1 = tl.load(W + 2 * p, mask=p < C // 2, other=0.0).to(tl.float32)
-    w2 = tl.load(W + 2 * p + 1, mask=p < C // 2, other=0.0).to(tl.float32)
-    y1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-    y2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    d = (2 * p) % D  # channel within the head; diffusers' table repeats each angle for both of a pair
-    cos = tl.load(Cos + tok * sc_tok + d, mask=live, other=0.0).to(tl.float32)
-    sin = tl.load(Sin + tok * ss_tok + d + 1, mask=live, other=0.0).to(tl.float32)
-    base = Out + row * C + 2 * p
-    tl.store(base, (y1 * cos - y2 * sin).to(dtype), mask=live)
-    tl.store(base + 1, (y1 * sin + y2 * cos).to(dtype), mask=live)
+    w = tl.load(W + channel, mask=channel < C, other=0.0).to(tl.float32)
+    y1, y2 = tl.split(((x * rstd).to(dtype).to(tl.float32) * w).to(dtype).to(tl.float32))
+    d = channel % D  # channel within the head; diffusers' table repeats each angle for both of a pair
+    cos, _ = tl.split(tl.load(Cos + tok * sc_tok + d, mask=live, other=0.0).to(tl.float32))
+    _, sin = tl.split(tl.load(Sin + tok * ss_tok + d, mask=live, other=0.0).to(tl.float32))
+    out = tl.join(y1 * cos - y2 * sin, y1 * sin + y2 * cos)
+    tl.store(Out + row * C + channel, out.to(dtype), mask=live)
 
 
 @triton_op("genq::wan_qk_norm_rope", mutates_args=())
