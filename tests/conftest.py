@@ -126,3 +126,17 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(30)
         self._log.close()
+
+
+@pytest.fixture
+def tiny_wan_video():
+    """render(pipe, steps): a 5-frame 32x32 video from a tiny WAN pipeline, the same prompt embeddings and seed
+    on every call."""
+    import torch
+
+    emb = torch.randn(1, 16, 32, dtype=torch.bfloat16)
+
+    def render(pipe, steps: int = 2):
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=32, width=32, num_frames=5,
+                    num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    return render

@@ -7,10 +7,6 @@ attention allow for it (on an H100 the difference is rel. L2 3.9%, bench.fp8_att
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +15,8 @@ pytest.importorskip("triton")
 
 from pipelines import fp8_attention as fa  # noqa: E402
 from pipelines.accel import AccelOptions  # noqa: E402
+from tests.interpreted import run_interpreted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL = r"""
 import json, sys, torch
@@ -82,21 +78,13 @@ print(json.dumps(out))
 """
 
 
-def _child(code: str, *args: str) -> object:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_the_kernels_compute_attention_from_8_bit_operands():
     cases = [
         [2, 300, 2, 32, "int8", [64, 64, 4, 1]],  # tokens not a multiple of the blocks: masked, padded keys
         [1, 256, 1, 64, "int8", [64, 128, 4, 1]],  # whole blocks only
         [1, 70, 3, 16, "fp8", [64, 128, 4, 1]],  # Q and K in e4m3 (the variant the bench compares)
     ]
-    for (b, s, h, d, qk, _), res in zip(cases, _child(KERNEL, json.dumps(cases))):
+    for (b, s, h, d, qk, _), res in zip(cases, run_interpreted(KERNEL, json.dumps(cases))):
         assert res["shape"] == [b, s, h, d] and res["dtype"] == "torch.bfloat16"
         assert res["vs_exact"] < (0.12 if qk == "int8" else 0.16), res
         assert res["vs_reference"] < 0.1, res  # what P's e4m3 rounding adds to the quantised operands
@@ -107,7 +95,7 @@ def test_the_kernels_compute_attention_from_8_bit_operands():
 
 
 def test_the_wan_processor_changes_only_the_attention_product():
-    res = _child(PROCESSOR)
+    res = run_interpreted(PROCESSOR)
     fp8, exact = res["16"], res["12"]
     for r in (fp8, exact):
         assert r["blocks"] == 2 and r["processors"] == ["Fp8WanAttnProcessor"]

@@ -4,16 +4,13 @@ Triton compiles anything; fp32, as the interpreter computes bf16 as integers).""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.interpreted import run_interpreted
+
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, sys, torch
@@ -55,11 +52,7 @@ def test_skinny_kernels_compute_the_linear_layer_for_up_to_16_rows():
         [1, 64, 256, False, [8, 32, 3, 4, 1, True], True],  # three slices, the last past K, summed in order
         [1, 80, 100, True, [16, 32, 2, 4, 1, True], False],  # weights of the rows' dtype, split, bias after
     ]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_interpreted(CHILD, json.dumps(cases), timeout=300)
     for (rows, n, *_), res in zip(cases, results):
         assert res["shape"] == [rows, 1, n]
         assert res["rel_l2"] < 1e-5, res

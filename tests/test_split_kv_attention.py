@@ -5,16 +5,13 @@ here are fp32 and fp16 (bf16 is checked on the GPU: bench.qwen_profile's attenti
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.interpreted import run_interpreted
+
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, sys, torch
@@ -41,11 +38,7 @@ print(json.dumps(out))
 
 
 def _run(cases: list) -> list[dict]:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(CHILD, json.dumps(cases), timeout=300)
 
 
 def test_split_kernels_compute_the_masked_softmax_attention_of_each_row():

@@ -7,10 +7,6 @@ vs_baseline)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +15,10 @@ from diffusers.models.activations import GELU
 from bench.models import build_wan
 from pipelines.accel import AccelOptions, _wan_attention, fuse_wan_qkv
 from pipelines.wan_self_attention import SelfAttnProcessor
+from tests.interpreted import run_interpreted
 
 pytest.importorskip("triton")
 from pipelines import wan_fusions  # noqa: E402  needs Triton
-
-ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL = r"""
 import json, sys, torch
@@ -109,14 +104,6 @@ print(json.dumps(out))
 """
 
 
-def _child(code: str, *args: str):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_the_kernel_gives_diffusers_normalised_rotated_queries_and_keys():
     cases = [
         [1, 7, 2, 16, "float32", 1],  # 32 channels: the pairs fill the block exactly
@@ -124,21 +111,21 @@ def test_the_kernel_gives_diffusers_normalised_rotated_queries_and_keys():
         [1, 9, 2, 64, "float16", 1],  # a 16-bit dtype, rounded where aten's rms_norm rounds
         [2, 7, 3, 16, "float32", 4],  # 4 rows a program: programs across both videos, the last one short
     ]
-    got = _child(KERNEL, json.dumps(cases))
+    got = run_interpreted(KERNEL, json.dumps(cases))
     for (batch, tokens, heads, dim, dtype, _), row in zip(cases, got):
         assert row["shape"] == [batch, tokens, heads * dim] and row["dtype"] == dtype
         assert max(row["rel_l2"]) < (1e-6 if dtype == "float32" else 2e-3), row
 
 
 def test_the_processor_takes_queries_and_keys_from_the_kernel_and_keeps_the_output():
-    got = _child(PROCESSOR)
+    got = run_interpreted(PROCESSOR)
     tokens = 2 * 16 * 16 // 4
     assert got["calls"] == [[1, tokens, 3 * 24]] * 2  # each block's self-attention, from its q|k|v product
     assert got["rel_l2"] < 1e-5
 
 
 def test_fused_blocks_compute_diffusers_norms_residuals_and_modulation():
-    got = _child(BLOCKS)
+    got = run_interpreted(BLOCKS)
     for dtype, tolerance in (("float32", 1e-6), ("float16", 1e-3)):
         row = got[dtype]
         assert row["fused"] == 2
@@ -147,15 +134,13 @@ def test_fused_blocks_compute_diffusers_norms_residuals_and_modulation():
 
 
 @pytest.mark.slow
-def test_fused_blocks_fall_back_off_the_gpu_and_carry_the_step_cache():
+def test_fused_blocks_fall_back_off_the_gpu_and_carry_the_step_cache(tiny_wan_video):
     from pipelines.step_cache import set_wan_step_cache
 
     pipe = build_wan("cpu", tiny=True)
-    emb = torch.randn(1, 16, 32, dtype=torch.bfloat16)
 
     def video():
-        return pipe(prompt_embeds=emb, negative_prompt_embeds=emb, height=32, width=32, num_frames=5,
-                    num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+        return tiny_wan_video(pipe, steps=3)
     before = video()
     assert wan_fusions.fuse_block_norms(pipe.transformer) == 2
     assert wan_fusions.fuse_block_norms(pipe.transformer) == 0  # once only
