@@ -3,10 +3,10 @@
 Per-step times come from the step callback (synchronised), so one call yields several step timings.
 
     python -m bench.wan [--tiny] [--runs 3] [--full-steps 25] [--cache-thresholds 0.2,0.3,0.4] [--fp8-attention]
-                        [--fp8-linear] [--attention _native_cudnn|flash4|...]
+                        [--fp8-linear] [--attention auto|_native_cudnn|flash4|...]
 
---attention is the accelerated path's GENQ_WAN_ATTENTION (default the production default, `_native_cudnn`;
-`flash4`: FlashAttention-4, pipelines/flash4.py, where its package is installed).
+--attention is the accelerated path's GENQ_WAN_ATTENTION (default the production default, `auto`: FlashAttention-4,
+pipelines/flash4.py, where its package is installed and the card runs it, else `_native_cudnn`).
 
 With --fp8-attention, after the accelerated stages the self-attention switches to pipelines/fp8_attention.py
 (GENQ_WAN_ATTENTION=fp8, an opt-in approximation) and the per-step time, the difference from the baseline,
@@ -82,7 +82,7 @@ def main() -> None:
                                            ap.add_argument("--cache-dir", default="/tmp/genq_compile_cache"),
                                            ap.add_argument("--fp8-attention", action="store_true"),
                                            ap.add_argument("--fp8-linear", action="store_true"),
-                                           ap.add_argument("--attention", default="_native_cudnn")))
+                                           ap.add_argument("--attention", default="auto")))
     accel = import_accel()
     dev, tiny = args.device, args.tiny
     h, w, frames = served_shape(tiny)

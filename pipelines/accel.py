@@ -14,10 +14,11 @@ Switches (environment, read by AccelOptions.from_env):
   GENQ_COMPILE_CACHE_DIR     on-disk inductor/triton cache so a restart skips code generation
   GENQ_COMPILE_DYNAMO_CACHE  SDXL, with a cache dir: keep dynamo's traced result there too, so a restart
                              skips tracing (pipelines/dynamo_cache.py; on unless set to 0)
-  GENQ_WAN_ATTENTION         diffusers attention backend for WAN (default _native_cudnn; "" = library default),
-                             or fp8: self-attention in int8/e4m3 (pipelines/wan_fp8_attention.py, an
-                             approximation, opt-in; Ada/Hopper cards), or flash4: self-attention by
-                             FlashAttention-4 (pipelines/flash4.py, exact; Hopper/Blackwell, its package)
+  GENQ_WAN_ATTENTION         auto (default): flash4 where it runs (its package installed, a Hopper or Blackwell
+                             card), else _native_cudnn; flash4: self- and cross-attention by FlashAttention-4
+                             (pipelines/flash4.py, exact), refused at start where it cannot run; fp8:
+                             self-attention in int8/e4m3 (pipelines/wan_fp8_attention.py, an approximation,
+                             opt-in; Ada/Hopper cards); or a diffusers attention backend ("" = library default)
   GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
                              (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_FUSE              1 (default) or 0: WAN's query/key norms with RoPE, and each layer norm with its
@@ -43,7 +44,7 @@ from . import dynamo_cache
 from .unet_batches import chunk_batches
 
 
-WAN_ATTENTION = ("flash4", "fp8")  # GENQ_WAN_ATTENTION's own values; the others name diffusers' backends
+WAN_ATTENTION = ("auto", "flash4", "fp8")  # GENQ_WAN_ATTENTION's own values; the others name diffusers' backends
 
 
 class AccelOptions(BaseModel):
@@ -61,7 +62,7 @@ class AccelOptions(BaseModel):
     compile_dynamic: bool = Field(False, validation_alias="GENQ_COMPILE_DYNAMIC")
     cache_dir: str | None = Field(None, validation_alias="GENQ_COMPILE_CACHE_DIR")
     dynamo_cache: bool = Field(True, validation_alias="GENQ_COMPILE_DYNAMO_CACHE")
-    wan_attention_backend: str = Field("_native_cudnn", validation_alias="GENQ_WAN_ATTENTION")
+    wan_attention_backend: str = Field("auto", validation_alias="GENQ_WAN_ATTENTION")
     wan_linear: Literal["bf16", "fp8"] = Field("bf16", validation_alias="GENQ_WAN_LINEAR")
     wan_fuse: bool = Field(True, validation_alias="GENQ_WAN_FUSE")
     wan_vae_bf16: bool = Field(False, validation_alias="GENQ_WAN_VAE_BF16")
@@ -73,8 +74,8 @@ class AccelOptions(BaseModel):
     @field_validator("wan_attention_backend")
     @classmethod
     def _known_attention(cls, value: str) -> str:
-        """Ours (flash4, fp8), a diffusers backend, or "" (the library's default); refused before any model
-        loads, not when the transformer first meets it."""
+        """Ours (auto, flash4, fp8), a diffusers backend, or "" (the library's default); refused before any
+        model loads, not when the transformer first meets it."""
         from diffusers.models.attention_dispatch import AttentionBackendName
 
         known = {"", *WAN_ATTENTION, *(b.value for b in AttentionBackendName)}
@@ -268,11 +269,15 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
 
 
 def _wan_attention(transformer, opts: AccelOptions) -> list[str]:
-    """Each block's attention per GENQ_WAN_ATTENTION; with GENQ_WAN_FUSE the self-attention's queries and
-    keys come from pipelines/wan_fusions.py's kernel, whichever backend attends."""
+    """Each block's attention per GENQ_WAN_ATTENTION (`auto` resolved for this card); with GENQ_WAN_FUSE the
+    self-attention's queries and keys come from pipelines/wan_fusions.py's kernel, whichever backend attends."""
     from . import wan_self_attention
 
     backend, fuse = opts.wan_attention_backend, opts.wan_fuse
+    if backend == "auto":
+        from . import flash4
+
+        backend = "flash4" if flash4.usable(transformer.device) else wan_self_attention.EXACT_BACKEND
     if backend == "flash4":
         from . import flash4
 

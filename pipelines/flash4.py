@@ -55,6 +55,15 @@ def check_device(device: torch.device) -> None:
     _kernel()
 
 
+def usable(device: torch.device) -> bool:
+    """Whether check_device passes: what GENQ_WAN_ATTENTION=auto asks before choosing FlashAttention-4."""
+    try:
+        check_device(device)
+    except RuntimeError:
+        return False
+    return True
+
+
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether these [batch, tokens, heads, dim] inputs are ones the kernel takes: CUDA, 16-bit floats, one
     head count, head dims multiples of 8 up to 256 (the Hopper forward's range)."""

@@ -93,3 +93,32 @@ def test_a_compile_cache_folder_keeps_flash4s_kernels_too_unless_the_operator_ch
     env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = "/srv/own"
     configure_compile_cache(str(tmp_path))
     assert env["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] == "/srv/own"
+
+
+@pytest.mark.parametrize("usable, chosen", [(True, "flash4"), (False, "_native_cudnn")])
+def test_auto_runs_flash4_where_it_can_and_cudnn_elsewhere(monkeypatch, usable, chosen):
+    from pipelines.accel import _wan_attention
+
+    assert AccelOptions.from_env({}).wan_attention_backend == "auto"
+    monkeypatch.setattr(flash4, "usable", lambda device: usable)
+    monkeypatch.setattr(flash4, "check_device", lambda device: None)  # the card usable() vouched for
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend("_native_cudnn") sets diffusers' process-wide backend too: restored after the test,
+    # which cuDNN on a CPU would otherwise fail
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    tr = build_wan("cpu", tiny=True).transformer
+    assert _wan_attention(tr, AccelOptions(wan_fuse=False)) == [f"attention:{chosen}"]
+    assert all(isinstance(b.attn1.processor, Flash4WanAttnProcessor) == usable for b in tr.blocks)
+    assert all(b.attn2.processor._attention_backend == "_native_cudnn" for b in tr.blocks)
+
+
+def test_usable_is_false_without_a_hopper_or_blackwell_card_or_the_package(monkeypatch):
+    assert not flash4.usable(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    flash4._kernel.cache_clear()
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # the package not installed
+    try:
+        assert not flash4.usable(torch.device("cuda"))
+    finally:
+        flash4._kernel.cache_clear()
