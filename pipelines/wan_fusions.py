@@ -14,7 +14,7 @@ A compiled WAN guided step at 480x832x81 spends about 0.1 s outside attention an
   each of them as one Triton pass (`residual_norm`), a row held in registers.
 
 `accel.accelerate_wan` applies them on CUDA unless GENQ_WAN_FUSE=0. Importing this module needs Triton
-(it comes with CUDA builds of torch); the tests run the kernel on a CPU through Triton's interpreter.
+(it comes with CUDA builds of torch); the tests run the kernels on a CPU through Triton's interpreter.
 """
 from __future__ import annotations
 
