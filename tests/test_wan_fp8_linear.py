@@ -14,7 +14,7 @@ from pipelines import accel, wan_fp8_linear
 from pipelines.accel import AccelOptions, fuse_wan_qkv
 from pipelines.fp8_linear import Fp8Linear
 from pipelines.tiny_wan import _TRANSFORMER
-from tests.test_fp8_attention import _child
+from tests.interpreted import run_interpreted
 
 # per block: q|k|v, attn1 out, attn2 q and out, feed-forward in and out
 FP8_PATHS = ("attn1.to_qkv", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
@@ -130,7 +130,7 @@ print(json.dumps(out))
 
 
 def test_the_row_kernel_scales_each_row_as_torch_does():
-    *rows, refused = _child(ROWS)
+    *rows, refused = run_interpreted(ROWS)
     for res in rows:
         assert res["dtype"] == "torch.float8_e4m3fn" and res["shape"] == [9, res["k"]]
         assert res["scale_shape"] == [9, 1] and res["scales_equal"]  # the GPU gives torch's values exactly
