@@ -18,6 +18,7 @@ A compiled WAN guided step at 480x832x81 spends about 0.1 s outside attention an
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
+
+log = logging.getLogger(__name__)
 
 
 class Launch(NamedTuple):
@@ -241,13 +244,37 @@ def fused_block_forward(block, hidden_states, encoder_hidden_states, temb, rotar
     return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
+# sha256 (first 16 hex digits) of the source of diffusers 0.42's WanTransformerBlock.forward, which
+# fused_block_forward restates: a diffusers whose block computes anything else keeps its own forward.
+MIRRORED_FORWARD = "21c15441b009932c"
+
+
+def mirrors_diffusers() -> bool:
+    """Whether the installed diffusers' WanTransformerBlock.forward is the one fused_block_forward restates."""
+    import hashlib
+    import inspect
+
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    try:
+        source = inspect.getsource(WanTransformerBlock.forward)
+    except (OSError, TypeError):  # no source shipped: nothing to compare with
+        return False
+    return hashlib.sha256(source.encode()).hexdigest()[:16] == MIRRORED_FORWARD
+
+
 def fuse_block_norms(transformer) -> int:
     """Every WanTransformerBlock (not VACE's hint blocks, whose forward differs) runs fused_block_forward;
-    returns how many. Before any hook (the step cache wraps whatever forward a block has)."""
+    returns how many: none unless `mirrors_diffusers()`. Before any hook (the step cache wraps whatever
+    forward a block has)."""
     import types
 
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+    if not mirrors_diffusers():
+        log.warning("diffusers' WanTransformerBlock.forward is not the one pipelines/wan_fusions.py restates: "
+                    "its blocks keep diffusers' forward (the layer-norm fusion is off)")
+        return 0
     fused = 0
     for block in transformer.blocks:
         if type(block) is WanTransformerBlock and "forward" not in vars(block):

@@ -152,6 +152,22 @@ def test_fused_blocks_fall_back_off_the_gpu_and_carry_the_step_cache(tiny_wan_vi
     assert all(b.forward.__func__ is wan_fusions.fused_block_forward for b in pipe.transformer.blocks)
 
 
+def test_blocks_keep_diffusers_forward_when_it_is_not_the_one_restated(monkeypatch):
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    # a diffusers upgrade that changes the block's forward fails here first: recheck fused_block_forward
+    # against it (tests above, bench.wan's equality on the GPU), then update MIRRORED_FORWARD
+    assert wan_fusions.mirrors_diffusers()
+
+    def changed(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        return hidden_states
+    monkeypatch.setattr(WanTransformerBlock, "forward", changed)
+    tr = build_wan("cpu", tiny=True).transformer
+    assert not wan_fusions.mirrors_diffusers()
+    assert wan_fusions.fuse_block_norms(tr) == 0
+    assert all("forward" not in vars(b) for b in tr.blocks)
+
+
 def _rotary(tokens: int, dim: int):
     table = torch.zeros(1, tokens, 1, dim)
     return table, table.clone()
