@@ -273,15 +273,14 @@ def _wan_attention(transformer, opts: AccelOptions) -> list[str]:
     self-attention's queries and keys come from pipelines/wan_fusions.py's kernel, whichever backend attends."""
     from . import wan_self_attention
 
+    from . import flash4
+
     backend, fuse = opts.wan_attention_backend, opts.wan_fuse
     if backend == "auto":
-        from . import flash4
-
         backend = "flash4" if flash4.usable(transformer.device) else wan_self_attention.EXACT_BACKEND
-    if backend == "flash4":
-        from . import flash4
-
+    elif backend == "flash4":
         flash4.check_device(transformer.device)
+    if backend == "flash4":
         wan_self_attention.use_self_attention(transformer, wan_self_attention.Flash4WanAttnProcessor, fuse_qk=fuse)
     elif backend == "fp8":
         from . import wan_fp8_attention

@@ -18,12 +18,18 @@ A compiled WAN guided step at 480x832x81 spends about 0.1 s outside attention an
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
+import types
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from diffusers.models.activations import GELU
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
@@ -136,8 +142,6 @@ class GeluLinear(nn.Module):
 def gelu_in_epilogue(transformer) -> int:
     """Every block's tanh-GELU feed-forward input (VACE's hint blocks too) becomes a GeluLinear; returns how
     many."""
-    from diffusers.models.activations import GELU
-
     swapped = 0
     for block in [*transformer.blocks, *getattr(transformer, "vace_blocks", ())]:
         first = block.ffn.net[0]
@@ -182,10 +186,9 @@ def _launch(x, a, gate, weight, bias, scale, shift, eps, out_x):
     out_y = torch.empty_like(x)
     n, launch = batch * tokens, RESIDUAL_NORM
     if n:
+        pointers = (t if t is not None else x for t in (a, gate, weight, bias, scale, shift, out_x))  # unread if None
         wrap_triton(_residual_norm_kernel)[(triton.cdiv(n, launch.rows),)](
-            x, a if a is not None else x, gate if gate is not None else x, weight if weight is not None else x,
-            bias if bias is not None else x, scale if scale is not None else x, shift if shift is not None else x,
-            out_x if out_x is not None else x, out_y, eps, n, tokens,
+            x, *pointers, out_y, eps, n, tokens,
             *(t.stride(0) if t is not None else 0 for t in (gate, scale, shift)),
             C=c, BLOCK=triton.next_power_of_2(c), ROWS=launch.rows, RESIDUAL=a is not None, GATED=gate is not None,
             AFFINE=weight is not None, MODULATED=scale is not None, num_warps=launch.warps)
@@ -218,8 +221,6 @@ def residual_norm(norm, x: torch.Tensor, a: torch.Tensor | None = None, gate: to
 
 
 def _fused_fits(block, hidden_states: torch.Tensor, temb: torch.Tensor) -> bool:
-    from diffusers.models.normalization import FP32LayerNorm
-
     c = hidden_states.shape[-1]
     return (hidden_states.is_cuda and hidden_states.dtype in (torch.bfloat16, torch.float16) and temb.ndim == 3
             and all(type(n) is FP32LayerNorm and tuple(n.normalized_shape) == (c,)
@@ -251,11 +252,6 @@ MIRRORED_FORWARD = "21c15441b009932c"
 
 def mirrors_diffusers() -> bool:
     """Whether the installed diffusers' WanTransformerBlock.forward is the one fused_block_forward restates."""
-    import hashlib
-    import inspect
-
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
     try:
         source = inspect.getsource(WanTransformerBlock.forward)
     except (OSError, TypeError):  # no source shipped: nothing to compare with
@@ -267,10 +263,6 @@ def fuse_block_norms(transformer) -> int:
     """Every WanTransformerBlock (not VACE's hint blocks, whose forward differs) runs fused_block_forward;
     returns how many: none unless `mirrors_diffusers()`. Before any hook (the step cache wraps whatever
     forward a block has)."""
-    import types
-
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
     if not mirrors_diffusers():
         log.warning("diffusers' WanTransformerBlock.forward is not the one pipelines/wan_fusions.py restates: "
                     "its blocks keep diffusers' forward (the layer-norm fusion is off)")

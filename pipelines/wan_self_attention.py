@@ -41,25 +41,20 @@ class SelfAttnProcessor(WanAttnProcessor):
         if attention_mask is not None or attn.add_k_proj is not None or (
                 encoder_hidden_states is not None and not self.cross):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if encoder_hidden_states is None:
-            query, key, value = self._qkv(attn, hidden_states, rotary_emb)
-        else:
-            query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-            query, key, value = (t.unflatten(2, (attn.heads, -1))
-                                 for t in (attn.norm_q(query), attn.norm_k(key), value))
+        query, key, value = self._qkv(attn, hidden_states, encoder_hidden_states, rotary_emb)
         out = self.attention(query, key, value)
         if out is None:
             out = dispatch_attention_fn(query, key, value, backend=self._attention_backend)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _qkv(self, attn, hidden_states, rotary_emb) -> tuple[torch.Tensor, ...]:
-        if self.fuse_qk:
+    def _qkv(self, attn, hidden_states, encoder_hidden_states, rotary_emb) -> tuple[torch.Tensor, ...]:
+        if self.fuse_qk and encoder_hidden_states is None:
             from . import wan_fusions
 
             if wan_fusions.takes(attn, hidden_states, rotary_emb):
                 return wan_fusions.qk_norm_rope(attn, hidden_states, rotary_emb)
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
