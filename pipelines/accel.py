@@ -271,24 +271,26 @@ def accelerate_wan(pipe, opts: AccelOptions) -> list[str]:
 def _wan_attention(transformer, opts: AccelOptions) -> list[str]:
     """Each block's attention per GENQ_WAN_ATTENTION (`auto` resolved for this card); with GENQ_WAN_FUSE the
     self-attention's queries and keys come from pipelines/wan_fusions.py's kernel, whichever backend attends."""
-    from . import wan_self_attention
-
-    from . import flash4
+    from . import flash4, wan_self_attention
 
     backend, fuse = opts.wan_attention_backend, opts.wan_fuse
     if backend == "auto":
         backend = "flash4" if flash4.usable(transformer.device) else wan_self_attention.EXACT_BACKEND
     elif backend == "flash4":
         flash4.check_device(transformer.device)
+    applied = [f"attention:{backend}"] if backend else []
     if backend == "flash4":
         wan_self_attention.use_self_attention(transformer, wan_self_attention.Flash4WanAttnProcessor, fuse_qk=fuse)
     elif backend == "fp8":
         from . import wan_fp8_attention
 
         wan_fp8_attention.check_device(transformer.device)
+        if flash4.usable(transformer.device):  # the text cross-attention, exact, as `auto` would run it
+            wan_self_attention.use_self_attention(transformer, wan_self_attention.Flash4WanAttnProcessor, fuse_qk=fuse)
+            applied.append("cross_attention:flash4")
         wan_fp8_attention.use_fp8_attention(transformer, fuse_qk=fuse)
     elif fuse:
         wan_self_attention.use_self_attention(transformer, wan_self_attention.SelfAttnProcessor, backend, fuse_qk=True)
     elif backend:
         transformer.set_attention_backend(backend)
-    return ([f"attention:{backend}"] if backend else []) + (["qk_norm_rope"] if fuse else [])
+    return applied + (["qk_norm_rope"] if fuse else [])

@@ -112,6 +112,26 @@ def test_auto_runs_flash4_where_it_can_and_cudnn_elsewhere(monkeypatch, usable, 
     assert all(b.attn2.processor._attention_backend == "_native_cudnn" for b in tr.blocks)
 
 
+@pytest.mark.parametrize("usable", [True, False])
+def test_fp8_attention_sends_the_text_cross_attention_to_flash4_where_it_runs(monkeypatch, usable):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from pipelines import wan_fp8_attention
+    from pipelines.accel import _wan_attention
+
+    monkeypatch.setattr(flash4, "usable", lambda device: usable)
+    monkeypatch.setattr(wan_fp8_attention, "check_device", lambda device: None)  # a CPU has no 8-bit products
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    tr = build_wan("cpu", tiny=True).transformer
+    applied = _wan_attention(tr, AccelOptions(wan_attention_backend="fp8", wan_fuse=False))
+    assert applied == ["attention:fp8"] + (["cross_attention:flash4"] if usable else [])
+    assert all(isinstance(b.attn1.processor, wan_fp8_attention.Fp8WanAttnProcessor) for b in tr.blocks)
+    cross = Flash4WanAttnProcessor if usable else WanAttnProcessor
+    assert all(type(b.attn2.processor) is cross for b in tr.blocks)
+    assert all(b.attn2.processor._attention_backend == "_native_cudnn" for b in tr.blocks)
+
+
 def test_usable_is_false_without_a_hopper_or_blackwell_card_or_the_package(monkeypatch):
     assert not flash4.usable(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
