@@ -18,7 +18,8 @@ Switches (environment, read by AccelOptions.from_env):
                              card), else _native_cudnn; flash4: self- and cross-attention by FlashAttention-4
                              (pipelines/flash4.py, exact), refused at start where it cannot run; fp8:
                              self-attention in int8/e4m3 (pipelines/wan_fp8_attention.py, an approximation,
-                             opt-in; Ada/Hopper cards); or a diffusers attention backend ("" = library default)
+                             opt-in; Ada/Hopper cards), cross-attention by flash4 where it runs; or a
+                             diffusers attention backend ("" = library default)
   GENQ_WAN_LINEAR            bf16 (default) or fp8: WAN's video-token products in e4m3
                              (pipelines/wan_fp8_linear.py, an approximation, opt-in; Ada/Hopper cards)
   GENQ_WAN_FUSE              1 (default) or 0: WAN's query/key norms with RoPE, and each layer norm with its

@@ -1,11 +1,11 @@
 """WAN's plain self-attention through a function of our own, the rest of diffusers' WanAttnProcessor as is.
 
 The self-attention of every block (attn1, and of VACE's hint blocks: 32,760 tokens against themselves at
-480x832x81) holds nearly all of a step's attention FLOPs. Two levers replace only that call:
-- `GENQ_WAN_ATTENTION=flash4` (exact): FlashAttention-4's Hopper kernel, pipelines/flash4.py;
+480x832x81) holds nearly all of a step's attention FLOPs. Two levers replace that call:
+- `GENQ_WAN_ATTENTION=flash4` (exact): FlashAttention-4's Hopper kernel, pipelines/flash4.py, which takes the
+  cross-attention to the text too (also under `fp8`, where it can run);
 - `GENQ_WAN_ATTENTION=fp8` (an approximation): pipelines/wan_fp8_attention.py.
-Cross-attention to the text, masked attention and the image-to-video branch keep diffusers' processor
-on the exact backend.
+Masked attention and the image-to-video branch keep diffusers' processor on the exact backend.
 """
 from __future__ import annotations
 
