@@ -139,9 +139,28 @@ def test_fp8_gemm_times_wans_products_in_bf16_and_e4m3(tmp_path):
     assert report["tiny_pass_bf16_ms"] > 0
 
 
-def test_the_profiles_need_a_gpu_and_say_so(tmp_path):
-    done = run_bench("bench.sdxl_profile", tmp_path)
+@pytest.mark.parametrize("module", ["bench.sdxl_profile", "bench.wan_vae"])
+def test_the_profiles_need_a_gpu_and_say_so(tmp_path, module):
+    done = run_bench(module, tmp_path)
     assert done.returncode == 1 and "needs CUDA" in done.stdout
+
+
+def test_wan_vae_modes_decode_the_baselines_video():
+    """bench.wan_vae's layouts decode what diffusers' fp32 decode does; bf16 (the opt-in) only approximately."""
+    import torch
+
+    from bench.harness import compare
+    from bench.models import build_wan
+    from bench.wan_vae import _vae_for
+
+    base = build_wan("cpu", tiny=True).vae
+    z = torch.randn(1, base.config.z_dim, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = base.decode(z, return_dict=False)[0]
+        assert _vae_for(base, "fp32-channels-last").decode(z, return_dict=False)[0].equal(ref)
+        bf16 = _vae_for(base, "bf16").decode(z.bfloat16(), return_dict=False)[0].float()
+    assert bf16.shape == ref.shape and 0 < compare(ref, bf16)["rel_l2"] < 5e-2
+    assert next(base.parameters()).dtype == torch.float32  # each mode on its own copy
 
 
 def test_the_one_stream_target_follows_the_card():
