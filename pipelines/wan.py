@@ -36,6 +36,7 @@ from schemas.wan import (DEFAULT_DURATION_S, MIN_VIDEO_FRAMES, NATIVE_SIZES, REF
                          frames_for_duration)
 
 from .accel import AccelOptions, accelerate_wan
+from .host_weights import HostWeights
 from .loading import TINY, pick_device, pick_dtype, resolve_model_path, warm_up_or_refuse
 from .step_cache import set_wan_step_cache
 from .tiny_wan import build_tiny_wan, build_tiny_wan_vace
@@ -192,6 +193,7 @@ class WanVideoPipeline:
         self.dtype: torch.dtype | None = None
         self._t2v = None
         self._vace = None
+        self._text_weights: HostWeights | None = None  # the text encoder's host copy, when it visits the GPU
         self._fitted_warmup: tuple[int, int, int] | None = None  # set by fit_warmup()
         self.warmup_runs: list[tuple[str, str]] = []  # (transformer, mode) the warm-up ran
         self.warmup_s: float | None = None
@@ -227,7 +229,10 @@ class WanVideoPipeline:
             self._vace = WanVACEPipeline(transformer=self._transformer(WanVACETransformer3DModel, vace, text_dim),
                                          **shared)
         shared["vae"].to(self.device)
-        shared["text_encoder"].to("cpu" if self.wan.text_encoder_offload else self.device)
+        if self.wan.text_encoder_offload and self.device.type != "cpu":
+            self._text_weights = HostWeights(shared["text_encoder"])  # pinned once; each job's visit copies it in
+        else:
+            shared["text_encoder"].to(self.device)
         log.info("wan weights loaded in %.1fs", time.perf_counter() - started)  # cold-start figure
         accel = AccelOptions.from_env()  # GPU speed-ups behind GENQ_ACCEL (docs/PERFORMANCE.md)
         for pipe in self._pipelines():
@@ -422,24 +427,24 @@ class WanVideoPipeline:
         return self._vace, {"video": video, "mask": mask}
 
     def _encode(self, pipe, request: WanRequest):
-        encoder = pipe.text_encoder
-        offload = self.wan.text_encoder_offload and self.device.type != "cpu"
-        if offload:
-            encoder.to(self.device)
+        if self._text_weights is None:
+            return self._encode_prompt(pipe, request)
         try:
-            with torch.no_grad():
-                return pipe.encode_prompt(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    do_classifier_free_guidance=request.guidance_scale > 1.0,
-                    max_sequence_length=MAX_PROMPT_TOKENS,
-                    device=self.device,
-                    dtype=self.dtype,
-                )
+            with self._text_weights.visit(self.device):
+                return self._encode_prompt(pipe, request)
         finally:
-            if offload:
-                encoder.to("cpu")
-                torch.cuda.empty_cache()  # hand the encoder's memory back to the other processes on the GPU
+            torch.cuda.empty_cache()  # hand the encoder's memory back to the other processes on the GPU
+
+    def _encode_prompt(self, pipe, request: WanRequest):
+        with torch.no_grad():
+            return pipe.encode_prompt(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                do_classifier_free_guidance=request.guidance_scale > 1.0,
+                max_sequence_length=MAX_PROMPT_TOKENS,
+                device=self.device,
+                dtype=self.dtype,
+            )
 
 
 def _step_callback(on_step: OnStep, total: int):

@@ -163,6 +163,14 @@ def test_wan_vae_modes_decode_the_baselines_video():
     assert next(base.parameters()).dtype == torch.float32  # each mode on its own copy
 
 
+def test_text_encoder_visit_times_both_ways_and_compares_their_embeddings(tmp_path):
+    done = run_bench("bench.text_encoder_visit", tmp_path, "--runs", "1", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "text_encoder_visit_tiny.json").read_text())
+    assert report["errors"] == {} and report["stages"]["equality"] == {"embeddings_equal": True}
+    assert {"plain_to_and_back", "host_weights_visit"} <= set(report["stages"]) and "speedup_min" in report["summary"]
+
+
 def test_the_one_stream_target_follows_the_card():
     assert bandwidth_tb_s("NVIDIA H100 80GB HBM3") == 3.35
     assert bandwidth_tb_s("NVIDIA H200") == 4.8
