@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -43,6 +44,8 @@ class HostWeights:
             self._host.append(host)
         self.nbytes = total
         self.pinned = bool(pin if pin is not None else torch.cuda.is_available()) and _page_lock(self._block)
+        if self.pinned:  # unlocked before the block is released (the module's views may keep its memory alive)
+            weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, self._block.data_ptr())
 
     @contextmanager
     def visit(self, device: torch.device | str) -> Iterator[torch.nn.Module]:
