@@ -1,7 +1,7 @@
 """A module's weights kept in host memory that visit the GPU only while the module runs.
 
 WAN's umT5-XXL text encoder (~11 GB in bf16) is needed for a moment per job, and the daemon keeps it off the
-GPU in between (WAN_TEXT_ENCODER_OFFLOAD). `module.to(device)` and back took 10.1 s a job on an H200: 11 GB
+GPU in between (WAN_TEXT_ENCODER_OFFLOAD). `module.to(device)` and back took 9.3-10.1 s a job on an H200: 11 GB
 copied in from pageable memory, and the way back allocating and filling fresh host pages with weights that
 never changed. Here the weights are copied once into one host block, page-locked where CUDA runs (copies
 from it go at the link's full rate), a visit copies them in, and the visit's end points the module back at
@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ALIGN = 256  # bytes: each tensor's start in the block, as the CUDA allocator aligns device tensors
+ALIGN = 256  # bytes: each tensor starts aligned in the block (vectorised copies and kernels want that)
 
 
 class HostWeights:
