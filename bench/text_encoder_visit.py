@@ -45,6 +45,8 @@ def main() -> None:
     def encode(name: str):
         with torch.no_grad():
             out[name] = encoder(input_ids=ids.to(dev)).last_hidden_state
+
+    def hand_back():  # after the weights have left, as WanVideoPipeline._encode does
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -54,8 +56,7 @@ def main() -> None:
             encode("plain")
         finally:
             encoder.to("cpu")
-            if dev.startswith("cuda"):
-                torch.cuda.empty_cache()
+            hand_back()
 
     gib = sum(p.numel() * p.element_size() for p in encoder.parameters()) / 1024**3
     rep.stage("weights", lambda: {"gib": round(gib, 3)})
@@ -71,8 +72,11 @@ def main() -> None:
     rep.stage("host_weights_setup", pin)
 
     def lent():
-        with held["w"].visit(dev):
-            encode("lent")
+        try:
+            with held["w"].visit(dev):
+                encode("lent")
+        finally:
+            hand_back()
 
     rep.stage("host_weights_visit", lambda: _timed(lent, args.runs, dev))
     rep.stage("equality", lambda: {"embeddings_equal": bool(torch.equal(out["plain"], out["lent"]))})
